@@ -1,0 +1,703 @@
+# Value Gradient Flow (VGF) for offline RL: D4RL and OGBench, one file.
+# Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
+# Particles drawn from a flow-matching behaviour policy mu are moved along grad_a Q by SVGD (a discretised
+# Wasserstein gradient flow toward pi* ∝ mu · exp(Q / alpha)); the transport budget (steps x step size) is the only
+# regulariser. L_test transport steps at test time trade compute for quality; L_test = 0 is best-of-N from mu.
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+CHECKPOINT_FORMAT = "vgf_offline/1"
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    env_id: str = "halfcheetah-medium-v2"
+    """D4RL dataset id (e.g. hopper-medium-replay-v2) or OGBench singletask id (e.g. cube-double-play-singletask-v0)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    track: bool = False
+    """if toggled, the run is tracked with Weights and Biases (tensorboard is always written)"""
+    wandb_project_name: str = "vgf"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    output_dir: str = "runs"
+    """runs are written to <output-dir>/<run-name>/ (tensorboard events, eval.jsonl, checkpoint.pt)"""
+    run_name: Optional[str] = None
+    """name of the run folder; default <env-id>__<exp-name>__<seed>__<unix time>"""
+    dataset_dir: Optional[str] = None
+    """where datasets are read from / downloaded to; default $D4RL_DATASET_DIR or ~/.d4rl/datasets (D4RL),
+    ~/.ogbench/data (OGBench)"""
+    save_model: bool = False
+    """save <run>/checkpoint.pt (networks, optimisers, RNG states) at every evaluation and at the end"""
+    resume: Optional[str] = None
+    """path of a checkpoint to continue training from (fields left at their defaults are taken from it)"""
+    eval_only: bool = False
+    """only evaluate the checkpoint given by --checkpoint, for every --eval-transport-steps"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
+
+    # Algorithm specific arguments (None = the per-suite default of SUITE_DEFAULTS)
+    total_steps: Optional[int] = None
+    """number of gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the critic and of the behaviour flow"""
+    hidden_dims: List[int] = field(default_factory=lambda: [512, 512, 512, 512])
+    """hidden layer sizes of the critic and of the behaviour flow"""
+    discount: Optional[float] = None
+    """discount factor gamma"""
+    tau: float = 0.005
+    """Polyak rate of the target critic"""
+    num_particles: int = 10
+    """N, particles (candidate actions) drawn from the reference policy per state"""
+    bc_flow_steps: int = 10
+    """K, Euler steps of the flow-matching reference sampler"""
+    train_transport_steps: Optional[int] = None
+    """L_train, SVGD steps applied to the particles of the TD target"""
+    transport_step_size: Optional[float] = None
+    """eps, SVGD step size (the learning rate of the per-transport Adam)"""
+    alpha: Optional[float] = None
+    """temperature of the Boltzmann target pi* ∝ mu exp(Q/alpha); the score is grad Q / alpha"""
+    target_q_agg: Optional[Literal["min", "mean"]] = None
+    """aggregation of the two critics in the TD target and for action selection"""
+    kernel_grad_through_bandwidth: bool = False
+    """differentiate the repulsion through the median bandwidth too (the official code does; the SVGD equation does not)"""
+    action_selection: Literal["max", "softmax", "random"] = "max"
+    """how the acting particle is picked among the N transported ones"""
+    eval_every: Optional[int] = None
+    """evaluate every this many gradient steps (and at the end); 0 = only at the end"""
+    eval_episodes: Optional[int] = None
+    """episodes per evaluation and per L_test, run as one batch of environments"""
+    eval_transport_steps: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """L_test values evaluated at every evaluation (0 = best-of-N from the reference policy)"""
+    log_every: int = 1000
+    """write losses to tensorboard every this many steps"""
+
+
+# Per-suite defaults from the released run scripts; an explicit command-line value always wins.
+SUITE_DEFAULTS = {
+    #                   gamma  L_train  eps   alpha  q_agg   steps      eval_every  episodes
+    "d4rl-locomotion": (0.99, 5, 0.1, 0.1, "min", 1_000_000, 50_000, 50),
+    "d4rl-antmaze": (0.99, 5, 0.1, 0.1, "min", 1_000_000, 50_000, 50),
+    "ogbench-navigation": (0.995, 3, 0.05, 0.2, "mean", 1_000_000, 100_000, 50),
+    "ogbench-manipulation": (0.99, 3, 0.05, 0.2, "mean", 1_000_000, 100_000, 50),
+}
+SUITE_FIELDS = ("discount", "train_transport_steps", "transport_step_size", "alpha", "target_q_agg", "total_steps",
+                "eval_every", "eval_episodes")
+
+
+class VGFError(Exception):
+    """A problem with the user's input or files, reported without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Datasets and environments
+# ---------------------------------------------------------------------------------------------------------------------
+D4RL_LOCOMOTION = {  # env -> (gymnasium id, extra kwargs, D4RL random score, D4RL expert score)
+    "halfcheetah": ("HalfCheetah-v4", {}, -280.178953, 12135.0),
+    "hopper": ("Hopper-v4", {}, -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v4", {}, 1.629008, 4592.3),
+    "ant": ("Ant-v4", {"use_contact_forces": True}, -325.6, 3879.7),  # 111-dim observation, as D4RL's ant
+}
+D4RL_LOCOMOTION_DATASETS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+OGBENCH_NAVIGATION = ("antmaze-medium-navigate", "antmaze-large-navigate", "antmaze-giant-navigate",
+                      "antmaze-teleport-navigate", "humanoidmaze-medium-navigate", "humanoidmaze-large-navigate",
+                      "humanoidmaze-giant-navigate", "antsoccer-arena-navigate", "antsoccer-medium-navigate",
+                      "pointmaze-medium-navigate", "pointmaze-large-navigate", "pointmaze-giant-navigate")
+OGBENCH_MANIPULATION = ("cube-single-play", "cube-double-play", "cube-triple-play", "cube-quadruple-play",
+                        "scene-play", "puzzle-3x3-play", "puzzle-4x4-play", "puzzle-4x5-play", "puzzle-4x6-play")
+
+
+def supported_env_ids() -> List[str]:
+    d4rl = [f"{e}-{d}-v2" for e in D4RL_LOCOMOTION for d in D4RL_LOCOMOTION_DATASETS]
+    ogb = [f"{e}-singletask{t}-v0" for e in OGBENCH_NAVIGATION + OGBENCH_MANIPULATION for t in ("", "-task{1..5}")]
+    return d4rl + ogb
+
+
+def parse_env_id(env_id: str) -> Dict:
+    """Suite, dataset and evaluation facts of an env id; raises VGFError listing the supported ids."""
+    m = re.fullmatch(r"(halfcheetah|hopper|walker2d|ant)-(" + "|".join(D4RL_LOCOMOTION_DATASETS) + r")-v2", env_id)
+    if m:
+        env, dataset = m.groups()
+        gym_id, kwargs, random_score, expert_score = D4RL_LOCOMOTION[env]
+        file_name = f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
+        return dict(suite="d4rl-locomotion", file_name=file_name, url=f"{D4RL_URL}/gym_mujoco_v2/{file_name}",
+                    gym_id=gym_id, gym_kwargs=kwargs, ref_scores=(random_score, expert_score))
+    m = re.fullmatch(r"(.+)-singletask(-task[1-5])?-v0", env_id)
+    if m and m.group(1) in OGBENCH_NAVIGATION + OGBENCH_MANIPULATION:
+        suite = "ogbench-navigation" if m.group(1) in OGBENCH_NAVIGATION else "ogbench-manipulation"
+        return dict(suite=suite, dataset_name=f"{m.group(1)}-v0")
+    raise VGFError(f"unknown --env-id '{env_id}'. Supported ids:\n  " + "\n  ".join(supported_env_ids()))
+
+
+def resolve_suite_defaults(args: Args) -> Args:
+    """Fill the None fields of args from the per-suite table; OGBench antmaze uses min and trains longer."""
+    suite = parse_env_id(args.env_id)["suite"]
+    if suite == "ogbench-navigation" and args.env_id.startswith("antmaze"):
+        if args.target_q_agg is None:
+            args.target_q_agg = "min"
+        if args.total_steps is None:
+            args.total_steps = 3_000_000 if "giant" in args.env_id else 2_000_000 if "large" in args.env_id else None
+    for name, value in zip(SUITE_FIELDS, SUITE_DEFAULTS[suite]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def download(url: str, path: str):
+    """Download url to path with a progress bar; a partial file never remains under the final name."""
+    from tqdm import tqdm
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise VGFError(f"dataset file {path} is missing and downloading it from {url} failed ({e}).\n"
+                       f"Download it on a machine with network access and copy it to {path} "
+                       f"(or point --dataset-dir / $D4RL_DATASET_DIR at the folder that holds it).") from None
+    os.replace(tmp, path)
+
+
+def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
+    """Read the keys of a D4RL HDF5 file that VGF needs, checking names and shapes."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise VGFError(f"{path} is not a readable HDF5 file ({e}); delete it to download it again.") from None
+    with f:
+        missing = [k for k in ("observations", "actions", "rewards", "terminals") if k not in f]
+        if missing:
+            raise VGFError(f"{path} is not a D4RL dataset: missing key(s) {missing} (found {sorted(f.keys())})")
+        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
+    n = len(data["observations"])
+    for k, v in data.items():
+        if len(v) != n or (k in ("rewards", "terminals", "timeouts") and v.ndim != 1) or \
+                (k in ("observations", "actions") and v.ndim != 2):
+            raise VGFError(f"{path}: key '{k}' has shape {v.shape}, expected ({n},{' D' if v.ndim == 2 else ''}) "
+                           f"like 'observations' {data['observations'].shape}")
+    return data
+
+
+def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 1000) -> Dict[str, np.ndarray]:
+    """(s, a, r, s', done) as d4rl.qlearning_dataset builds them: s' = observations[i+1], and the last step of an
+    episode cut by a time limit (timeouts) is dropped, because its s' belongs to the next episode."""
+    n = len(data["observations"])
+    if "timeouts" in data:
+        timeouts = data["timeouts"].astype(bool)
+    else:  # old files: episodes are cut every max_episode_steps
+        timeouts = np.zeros(n, bool)
+        step = 0
+        for i in range(n):
+            timeouts[i] = step == max_episode_steps - 1
+            step = 0 if (data["terminals"][i] or timeouts[i]) else step + 1
+    keep = np.flatnonzero(~timeouts[:-1])
+    return dict(observations=data["observations"][keep].astype(np.float32),
+                actions=data["actions"][keep].astype(np.float32),
+                rewards=data["rewards"][keep].astype(np.float32),
+                next_observations=data["observations"][keep + 1].astype(np.float32),
+                terminals=data["terminals"][keep].astype(np.float32))
+
+
+def episode_return_range(rewards: np.ndarray, episode_ends: np.ndarray):
+    """Min and max return over the complete episodes of the raw dataset (ends = terminals or timeouts)."""
+    ends = np.flatnonzero(episode_ends)
+    if len(ends) == 0:
+        raise VGFError("the dataset holds no complete episode (no terminals or timeouts); cannot scale rewards")
+    returns = np.add.reduceat(rewards[: ends[-1] + 1].astype(np.float64), np.r_[0, ends[:-1] + 1])
+    return float(returns.min()), float(returns.max())
+
+
+def load_dataset(args: Args) -> Dict[str, np.ndarray]:
+    """Transitions (observations, actions, rewards, next_observations, masks) with the official preprocessing."""
+    spec = parse_env_id(args.env_id)
+    if spec["suite"].startswith("d4rl"):
+        folder = args.dataset_dir or os.environ.get("D4RL_DATASET_DIR") or os.path.expanduser("~/.d4rl/datasets")
+        path = os.path.join(folder, spec["file_name"])
+        if not os.path.exists(path):
+            print(f"downloading {spec['url']} -> {path}")
+            download(spec["url"], path)
+        raw = read_d4rl_hdf5(path)
+        data = qlearning_transitions(raw)
+        if spec["suite"] == "d4rl-locomotion":  # rewards scaled by 1000 / (max return - min return)
+            low, high = episode_return_range(raw["rewards"], raw["terminals"] | raw.get("timeouts", False))
+            data["rewards"] = data["rewards"] * np.float32(1000.0 / max(high - low, 1e-6))
+            print(f"dataset returns in [{low:.1f}, {high:.1f}]; rewards scaled by {1000.0 / max(high - low, 1e-6):.4f}")
+        data["masks"] = 1.0 - data.pop("terminals")  # bootstrap unless a true terminal
+    else:
+        import ogbench
+
+        folder = os.path.expanduser(args.dataset_dir or "~/.ogbench/data")
+        for name in (spec["dataset_name"], spec["dataset_name"] + "-val"):
+            path = os.path.join(folder, name + ".npz")
+            if not os.path.exists(path):
+                print(f"downloading {ogbench.utils.DATASET_URL}/{name}.npz -> {path}")
+                download(f"{ogbench.utils.DATASET_URL}/{name}.npz", path)
+        try:
+            _, train, _ = ogbench.make_env_and_datasets(args.env_id, dataset_dir=folder)
+        except (KeyError, ValueError, OSError) as e:
+            raise VGFError(f"could not read the OGBench dataset {spec['dataset_name']} in {folder}: {e!r}. The npz "
+                           f"must hold observations, actions, terminals, qpos, qvel (+ button_states).") from None
+        data = {k: train[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
+                                                         "masks")}
+    data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
+    return data
+
+
+def make_eval_env(env_id: str) -> gym.Env:
+    spec = parse_env_id(env_id)
+    if spec["suite"] == "d4rl-locomotion":
+        return gym.make(spec["gym_id"], **spec["gym_kwargs"])
+    import ogbench
+
+    return ogbench.make_env_and_datasets(env_id, env_only=True)
+
+
+def episode_score(env_id: str, episode_return: float, success: float) -> float:
+    """D4RL normalised score x100, or OGBench success rate in percent."""
+    spec = parse_env_id(env_id)
+    if "ref_scores" in spec:
+        low, high = spec["ref_scores"]
+        return 100.0 * (episode_return - low) / (high - low)
+    return 100.0 * success
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Networks: flow-matching reference policy mu and the critic ensemble
+# ---------------------------------------------------------------------------------------------------------------------
+def mlp(sizes: List[int]) -> nn.Sequential:
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = nn.Linear(d_in, d_out)
+        nn.init.xavier_uniform_(linear.weight)  # flax default_init: variance_scaling(1, fan_avg, uniform)
+        nn.init.zeros_(linear.bias)
+        layers += [linear, nn.ReLU()] if i < len(sizes) - 2 else [linear]
+    return nn.Sequential(*layers)
+
+
+class BehaviourFlow(nn.Module):
+    """Velocity field v(s, x_t, t) of the flow-matching behaviour policy (the reference distribution mu)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: List[int]):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp([obs_dim + act_dim + 1, *hidden_dims, act_dim])
+
+    def forward(self, obs, x_t, t):
+        return self.net(torch.cat([obs, x_t, t], -1))
+
+
+class EnsembleLinear(nn.Module):
+    def __init__(self, members: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(members, 1, d_out))
+        for w in self.weight.data:
+            nn.init.xavier_uniform_(w)
+
+    def forward(self, x):  # x: [E, B, d_in] -> [E, B, d_out]
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """Q_1..Q_E(s, a) as one batched module: MLP on concat(s, a), LayerNorm before each ReLU."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: List[int], members: int = 2):
+        super().__init__()
+        sizes = [obs_dim + act_dim, *hidden_dims, 1]
+        self.members = members
+        self.linears = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(members, 1, h)) for h in hidden_dims)
+        self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(members, 1, h)) for h in hidden_dims)
+
+    def forward(self, obs, act):  # [B, obs_dim], [B, act_dim] -> [E, B]
+        x = torch.cat([obs, act], -1).expand(self.members, -1, -1)
+        for linear, w, b in zip(self.linears[:-1], self.norm_weights, self.norm_biases):
+            x = F.relu(F.layer_norm(linear(x), (w.shape[-1],), eps=1e-6) * w + b)
+        return self.linears[-1](x).squeeze(-1)
+
+
+def aggregate(qs: torch.Tensor, how: str) -> torch.Tensor:
+    return qs.min(0).values if how == "min" else qs.mean(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: reference sampler, SVGD transport, action selection
+# ---------------------------------------------------------------------------------------------------------------------
+def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, generator=None) -> torch.Tensor:
+    """a ~ mu(.|s): K Euler steps of the learned velocity field from x_0 ~ N(0, I), then clip to [-1, 1]."""
+    x = torch.randn(obs.shape[0], flow.act_dim, device=obs.device, generator=generator)
+    for i in range(flow_steps):
+        t = torch.full((obs.shape[0], 1), i / flow_steps, device=obs.device)
+        x = x + flow(obs, x, t) / flow_steps
+    return x.clamp(-1.0, 1.0)
+
+
+def median_bandwidth_gamma(sq_dists: torch.Tensor) -> torch.Tensor:
+    """1 / (2h + 1e-6) with h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state; [B, N, N] -> [B, 1, 1]."""
+    n = sq_dists.shape[-1]
+    flat = sq_dists.flatten(1).sort(dim=1).values
+    m = flat.shape[1]
+    median = 0.5 * (flat[:, (m - 1) // 2] + flat[:, m // 2])  # mean of the two middle values, as jnp.median
+    h = (median / (2.0 * math.log(n + 1.0))).clamp_min(1e-12)
+    return (1.0 / (1e-6 + 2.0 * h)).view(-1, 1, 1)
+
+
+def svgd_direction(particles: torch.Tensor, score: torch.Tensor, alpha: float,
+                   grad_through_bandwidth: bool = False) -> torch.Tensor:
+    """phi(x_i) = (1/N) sum_j [k(x_j, x_i) score_j / alpha + grad_{x_j} k(x_j, x_i)] with an RBF kernel (SVGD)."""
+    x = particles.detach()
+    diff = x.unsqueeze(2) - x.unsqueeze(1)  # [B, N, N, D], x_i - x_j
+    sq_dists = diff.pow(2).sum(-1)
+    gamma = median_bandwidth_gamma(sq_dists)
+    kernel = torch.exp(-gamma * sq_dists)  # [B, N, N], symmetric
+    if grad_through_bandwidth:  # official code: autodiff of sum_ij k(x_i, stop(x_j)) including d h / d x
+        with torch.enable_grad():
+            xr = x.clone().requires_grad_(True)
+            d2 = (xr.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)
+            repulsion = -torch.autograd.grad(torch.exp(-median_bandwidth_gamma(d2) * d2).sum(), xr)[0]
+    else:  # sum_j grad_{x_j} k(x_j, x_i) = 2 gamma sum_j k_ij (x_i - x_j), bandwidth held fixed
+        repulsion = 2.0 * gamma * (kernel.unsqueeze(-1) * diff).sum(2)
+    return (kernel @ score / alpha + repulsion) / x.shape[1]
+
+
+def transport(q_fn: Callable, obs: torch.Tensor, particles: torch.Tensor, steps: int, step_size: float, alpha: float,
+              grad_through_bandwidth: bool = False) -> torch.Tensor:
+    """Value gradient flow: `steps` SVGD steps on particles [B, N, A] at states obs [B, S] toward mu exp(Q/alpha).
+
+    q_fn(obs_flat [B*N, S], actions_flat [B*N, A]) -> [B*N]. Each step feeds -phi to a freshly initialised Adam
+    (lr = step_size, betas 0.9/0.999, eps 1e-8), then clips to [-1, 1]. steps = 0 returns the particles unchanged.
+    """
+    if steps == 0:
+        return particles
+    b, n, a = particles.shape
+    obs_flat = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
+    x = particles.detach()
+    m, v = torch.zeros_like(x), torch.zeros_like(x)
+    beta1, beta2 = 0.9, 0.999
+    for t in range(1, steps + 1):
+        with torch.enable_grad():
+            x_req = x.clone().requires_grad_(True)
+            score = torch.autograd.grad(q_fn(obs_flat, x_req.view(b * n, a)).sum(), x_req)[0]  # grad_a Q(s, a_j)
+        grad = -svgd_direction(x, score, alpha, grad_through_bandwidth)
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad * grad
+        m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+        x = (x - step_size * m_hat / (v_hat.sqrt() + 1e-8)).clamp(-1.0, 1.0)
+    return x
+
+
+@torch.no_grad()
+def act(flow, critic, obs, args: Args, transport_steps: int, generator=None) -> torch.Tensor:
+    """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default)."""
+    b, n = obs.shape[0], args.num_particles
+    obs_rep = obs.repeat_interleave(n, 0)
+    particles = sample_reference(flow, obs_rep, args.bc_flow_steps, generator).view(b, n, -1)
+    particles = transport(lambda o, x: critic(o, x).mean(0), obs, particles, transport_steps,
+                          args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
+    q = aggregate(critic(obs_rep, particles.view(b * n, -1)), args.target_q_agg).view(b, n)
+    if args.action_selection == "max":
+        idx = q.argmax(1)
+    elif args.action_selection == "softmax":
+        idx = torch.multinomial(torch.softmax(q - q.max(1, keepdim=True).values, 1), 1, generator=generator)[:, 0]
+    else:
+        idx = torch.randint(0, n, (b,), device=obs.device, generator=generator)
+    return particles[torch.arange(b, device=obs.device), idx]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: value learning (TD target from transported particles) and behaviour flow matching
+# ---------------------------------------------------------------------------------------------------------------------
+def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args: Args) -> torch.Tensor:
+    """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online critic."""
+    next_obs = batch["next_observations"]
+    b, n = next_obs.shape[0], args.num_particles
+    next_obs_rep = next_obs.repeat_interleave(n, 0)
+    with torch.no_grad():
+        particles = sample_reference(flow, next_obs_rep, args.bc_flow_steps).view(b, n, -1)
+    particles = transport(lambda o, x: critic(o, x).mean(0), next_obs, particles, args.train_transport_steps,
+                          args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
+    with torch.no_grad():
+        next_q = aggregate(target_critic(next_obs_rep, particles.view(b * n, -1)), args.target_q_agg)
+        return batch["rewards"] + args.discount * batch["masks"] * next_q.view(b, n).mean(1)
+
+
+def critic_loss_fn(critic, target: torch.Tensor, batch) -> torch.Tensor:
+    qs = critic(batch["observations"], batch["actions"])  # [E, B]
+    return (target - qs).pow(2).sum(0).mean()
+
+
+def flow_matching_loss(flow, batch) -> torch.Tensor:
+    """||v(s, x_t, t) - (a - x_0)||^2 with x_t = (1 - t) x_0 + t a, x_0 ~ N(0, I), t ~ U[0, 1]."""
+    actions = batch["actions"]
+    x0 = torch.randn_like(actions)
+    t = torch.rand(actions.shape[0], 1, device=actions.device)
+    return (flow(batch["observations"], (1 - t) * x0 + t * actions, t) - (actions - x0)).pow(2).mean()
+
+
+class Agent(nn.Module):
+    """Everything that is trained: the behaviour flow, the critic ensemble and its target, and their optimisers."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.args = args
+        self.flow = BehaviourFlow(obs_dim, act_dim, args.hidden_dims)
+        self.critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dims)
+        self.target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dims)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate)
+        self.flow_opt = torch.optim.Adam(self.flow.parameters(), lr=args.learning_rate)
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One gradient step on the critic and on the behaviour flow; returns detached metrics (no host sync)."""
+        target = td_target(self.critic, self.target_critic, self.flow, batch, self.args)
+        critic_loss = critic_loss_fn(self.critic, target, batch)
+        flow_loss = flow_matching_loss(self.flow, batch)
+        self.critic_opt.zero_grad(set_to_none=True)
+        self.flow_opt.zero_grad(set_to_none=True)
+        (critic_loss + flow_loss).backward()  # the two losses share no parameters
+        with torch.no_grad():  # Polyak update from the pre-update critic, as the official code
+            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), self.args.tau)
+        self.critic_opt.step()
+        self.flow_opt.step()
+        return {"losses/critic_loss": critic_loss.detach(), "losses/bc_flow_loss": flow_loss.detach(),
+                "charts/td_target_mean": target.mean()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation: all episodes of one L_test run as a batch of environments, one forward pass per step
+# ---------------------------------------------------------------------------------------------------------------------
+def evaluate(agent: Agent, envs: List[gym.Env], args: Args, transport_steps: int, seed: int, device) -> Dict:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]).astype(np.float32)
+    returns, successes = np.zeros(len(envs)), np.zeros(len(envs))
+    running = np.ones(len(envs), bool)
+    while running.any():
+        idx = np.flatnonzero(running)
+        actions = act(agent.flow, agent.critic, torch.as_tensor(obs[idx], device=device), args, transport_steps,
+                      generator).cpu().numpy()
+        for a, i in zip(actions, idx):
+            o, r, terminated, truncated, info = envs[i].step(a)
+            obs[i], returns[i] = o, returns[i] + r
+            if terminated or truncated:
+                running[i], successes[i] = False, float(info.get("success", 0.0))
+    scores = np.array([episode_score(args.env_id, r, s) for r, s in zip(returns, successes)])
+    return dict(score_mean=float(scores.mean()), score_std=float(scores.std()), return_mean=float(returns.mean()),
+                success_rate=float(successes.mean()), episodes=len(envs))
+
+
+def evaluate_all(agent, envs, args: Args, step: int, device, writer=None, run_dir=None) -> List[Dict]:
+    metric = "success_rate_percent" if parse_env_id(args.env_id)["suite"].startswith("ogbench") else \
+        "d4rl_normalized_score"
+    rows = []
+    for L in args.eval_transport_steps:
+        start = time.time()
+        row = dict(step=step, L_test=L, metric=metric,
+                   **evaluate(agent, envs, args, L, seed=args.seed * 1_000_003 + 10_007 * L + 1, device=device))
+        row["time_s"] = round(time.time() - start, 3)
+        rows.append(row)
+        if writer is not None:
+            writer.add_scalar(f"eval/score_L{L}", row["score_mean"], step)
+            writer.add_scalar(f"eval/score_std_L{L}", row["score_std"], step)
+            writer.add_scalar(f"eval/return_L{L}", row["return_mean"], step)
+    if run_dir is not None:
+        with open(os.path.join(run_dir, "eval.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"\n[eval @ step {step}] {metric} over {rows[0]['episodes']} episodes")
+    print("  L_test |   mean |    std | return\n" + "\n".join(
+        f"  {r['L_test']:6d} | {r['score_mean']:6.1f} | {r['score_std']:6.1f} | {r['return_mean']:.1f}" for r in rows))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to resume bit for bit or to evaluate
+# ---------------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: str, agent: Agent, args: Args, step: int, dims: Dict):
+    state = dict(format=CHECKPOINT_FORMAT, args=asdict(args), step=step, dims=dims,
+                 flow=agent.flow.state_dict(), critic=agent.critic.state_dict(),
+                 target_critic=agent.target_critic.state_dict(), critic_opt=agent.critic_opt.state_dict(),
+                 flow_opt=agent.flow_opt.state_dict(),
+                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never corrupts the last good checkpoint
+
+
+def load_checkpoint(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise VGFError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise VGFError(f"{path} is not a readable checkpoint ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise VGFError(f"{path} is not a vgf_offline.py checkpoint (expected format '{CHECKPOINT_FORMAT}')")
+    return state
+
+
+STRUCTURAL_FIELDS = ("env_id", "hidden_dims")  # a checkpoint cannot be loaded if these differ
+
+
+def merge_checkpoint_args(cli: Args, saved: Dict, path: str) -> Args:
+    """Fields set away from their defaults on the command line win, except structural ones, which must match."""
+    defaults = Args()
+    explicit = {name for name, value in asdict(cli).items() if value != getattr(defaults, name)}
+    for name in STRUCTURAL_FIELDS:
+        if name in explicit and getattr(cli, name) != saved[name]:
+            raise VGFError(f"checkpoint {path} is incompatible: it was trained with --{name.replace('_', '-')} "
+                           f"{saved[name]}, but {getattr(cli, name)} was given")
+    merged = Args(**saved)
+    for name in explicit & set(saved):
+        setattr(merged, name, getattr(cli, name))
+    return merged
+
+
+def restore_agent(agent: Agent, state: Dict, path: str):
+    try:
+        for name in ("flow", "critic", "target_critic", "critic_opt", "flow_opt"):
+            getattr(agent, name).load_state_dict(state[name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise VGFError(f"checkpoint {path} does not fit this configuration: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    # TRY NOT TO MODIFY: seeding and device
+    if args.eval_only or args.resume:
+        path = args.checkpoint if args.eval_only else args.resume
+        if args.eval_only and not path:
+            raise VGFError("--eval-only needs --checkpoint PATH")
+        state = load_checkpoint(path)
+        explicit_run_name = args.run_name
+        args = merge_checkpoint_args(args, state["args"], path)
+        if args.eval_only and not explicit_run_name:  # never append to the training run's eval.jsonl
+            args.run_name = f"{state['args']['run_name']}__eval_step{state['step']}"
+    args = resolve_suite_defaults(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    args.run_name = run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    os.makedirs(run_dir, exist_ok=True)
+
+    eval_envs = [make_eval_env(args.env_id) for _ in range(args.eval_episodes)]
+    obs_dim, act_dim = eval_envs[0].observation_space.shape[0], eval_envs[0].action_space.shape[0]
+    agent = Agent(obs_dim, act_dim, args).to(device)
+    dims = dict(obs_dim=obs_dim, act_dim=act_dim)
+    start_step = 0
+    if args.eval_only or args.resume:
+        if state["dims"] != dims:
+            raise VGFError(f"checkpoint {path} has dimensions {state['dims']}, the environment {dims}")
+        restore_agent(agent, state, path)
+        start_step = state["step"]
+
+    if args.eval_only:
+        print(f"evaluating {args.checkpoint} (step {start_step}) on {args.env_id}")
+        evaluate_all(agent, eval_envs, args, start_step, device, run_dir=run_dir)
+        return run_dir
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    data = load_dataset(args)
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        raise VGFError(f"dataset dimensions obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} do "
+                       f"not match the environment's obs {obs_dim}, act {act_dim}")
+    dataset = {k: torch.as_tensor(v, device=device) for k, v in data.items()}  # whole dataset on the device
+    size = len(dataset["observations"])
+    print(f"{args.env_id}: {size} transitions, obs {obs_dim}, act {act_dim}, device {device}")
+
+    if args.resume:  # RNG states last, so that sampling continues exactly where the checkpoint left off
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+
+    # ALGO LOGIC: training loop
+    first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without host sync
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+                    dynamic_ncols=True, smoothing=0.05)
+    last_time, last_step = time.time(), start_step
+    for step in progress:
+        idx = torch.randint(0, size, (args.batch_size,), device=device)
+        metrics = agent.update({k: v[idx] for k, v in dataset.items()})
+        finite = torch.isfinite(metrics["losses/critic_loss"]) & torch.isfinite(metrics["losses/bc_flow_loss"])
+        first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
+
+        is_eval = step == args.total_steps or (args.eval_every and step % args.eval_every == 0)
+        if step % args.log_every == 0 or is_eval:
+            if first_bad_step.item() >= 0:
+                raise VGFError(f"non-finite loss at step {first_bad_step.item()}; stopped. "
+                               + (f"The last good checkpoint is {checkpoint_path}. " if os.path.exists(
+                                   checkpoint_path) else "") + "Try a smaller --transport-step-size or --learning-rate.")
+            values = {k: v.item() for k, v in metrics.items()}
+            sps = (step - last_step) / max(time.time() - last_time, 1e-9)
+            last_time, last_step = time.time(), step
+            for k, v in values.items():
+                writer.add_scalar(k, v, step)
+            writer.add_scalar("charts/SPS", sps, step)
+            progress.set_postfix(critic=f"{values['losses/critic_loss']:.3g}", bc=f"{values['losses/bc_flow_loss']:.3g}",
+                                 sps=f"{sps:.1f}")
+        if is_eval:
+            evaluate_all(agent, eval_envs, args, step, device, writer, run_dir)
+            if args.save_model:
+                save_checkpoint(checkpoint_path, agent, args, step, dims)
+                print(f"checkpoint saved to {checkpoint_path}")
+    writer.close()
+    if args.track:
+        wandb.finish()
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except VGFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
