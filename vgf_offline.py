@@ -132,10 +132,10 @@ OGBENCH_MANIPULATION = ("cube-single-play", "cube-double-play", "cube-triple-pla
                         "scene-play", "puzzle-3x3-play", "puzzle-4x4-play", "puzzle-4x5-play", "puzzle-4x6-play")
 
 
-def supported_env_ids() -> List[str]:
-    d4rl = [f"{e}-{d}-v2" for e in D4RL_LOCOMOTION for d in D4RL_LOCOMOTION_DATASETS]
-    ogb = [f"{e}-singletask{t}-v0" for e in OGBENCH_NAVIGATION + OGBENCH_MANIPULATION for t in ("", "-task{1..5}")]
-    return d4rl + ogb
+def supported_env_ids() -> str:
+    return (f"D4RL: {{{','.join(D4RL_LOCOMOTION)}}}-{{{','.join(D4RL_LOCOMOTION_DATASETS)}}}-v2\n  "
+            f"OGBench: <env>-singletask-v0 or <env>-singletask-task{{1..5}}-v0 with <env> one of\n      "
+            + "\n      ".join(OGBENCH_NAVIGATION + OGBENCH_MANIPULATION))
 
 
 def parse_env_id(env_id: str) -> Dict:
@@ -151,7 +151,7 @@ def parse_env_id(env_id: str) -> Dict:
     if m and m.group(1) in OGBENCH_NAVIGATION + OGBENCH_MANIPULATION:
         suite = "ogbench-navigation" if m.group(1) in OGBENCH_NAVIGATION else "ogbench-manipulation"
         return dict(suite=suite, dataset_name=f"{m.group(1)}-v0")
-    raise VGFError(f"unknown --env-id '{env_id}'. Supported ids:\n  " + "\n  ".join(supported_env_ids()))
+    raise VGFError(f"unknown --env-id '{env_id}'. Supported ids:\n  " + supported_env_ids())
 
 
 def resolve_suite_defaults(args: Args) -> Args:

