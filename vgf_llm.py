@@ -333,6 +333,12 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
     optimizer = torch.optim.Adam(params, lr=lr)
     train_rows = train_rows[: args.rm_train_pairs]
     p, c, j = encode_pairs(tok, train_rows, args, eos_id)
+    if not args.rm_train_backbone:  # frozen backbone: pool the last-token features once, then train only the head
+        head, rm.head, mb = rm.head, nn.Identity(), args.micro_batch_size
+        with torch.no_grad():
+            feats = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
+                     for i in range(0, len(p), mb)]
+        rm.head, (fc, fr) = head, (torch.cat(f) for f in zip(*feats))
     step, rng = 0, random.Random(args.seed)
     for epoch in range(args.rm_epochs):
         order = list(range(len(p)))
@@ -340,7 +346,10 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
         rm.train()
         for i in range(0, len(order), args.rm_batch_size):
             b = order[i : i + args.rm_batch_size]
-            rc, rr = pair_rewards(rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9)
+            if args.rm_train_backbone:
+                rc, rr = pair_rewards(rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9)
+            else:
+                rc, rr = rm.head(fc[b]).squeeze(-1), rm.head(fr[b]).squeeze(-1)
             loss, acc = bradley_terry_loss(rc, rr)
             if not torch.isfinite(loss):
                 raise SystemExit(f"reward-model loss is {loss.item()} at step {step}: lower --rm-lr or drop --bf16")

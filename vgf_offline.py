@@ -6,6 +6,8 @@
 import json
 import math
 import os
+import tempfile
+import xml.etree.ElementTree as ET
 import random
 import re
 import sys
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Literal, Optional
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -102,6 +105,7 @@ SUITE_DEFAULTS = {
     #                   gamma  L_train  eps   alpha  q_agg   steps      eval_every  episodes
     "d4rl-locomotion": (0.99, 5, 0.1, 0.1, "min", 1_000_000, 50_000, 50),
     "d4rl-antmaze": (0.99, 5, 0.1, 0.1, "min", 1_000_000, 50_000, 50),
+    "d4rl-adroit": (0.99, 5, 0.1, 0.1, "min", 1_000_000, 50_000, 50),
     "ogbench-navigation": (0.995, 3, 0.05, 0.2, "mean", 1_000_000, 100_000, 50),
     "ogbench-manipulation": (0.99, 3, 0.05, 0.2, "mean", 1_000_000, 100_000, 50),
 }
@@ -123,6 +127,12 @@ D4RL_LOCOMOTION = {  # env -> (gymnasium id, extra kwargs, D4RL random score, D4
     "ant": ("Ant-v4", {"use_contact_forces": True}, -325.6, 3879.7),  # 111-dim observation, as D4RL's ant
 }
 D4RL_LOCOMOTION_DATASETS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
+D4RL_ANTMAZE_FILES = {  # antmaze-<name>-v2 -> (maze file name, multistart, multigoal)
+    "umaze": ("u-maze", False, False), "umaze-diverse": ("u-maze", True, True),
+    "medium-play": ("big-maze", True, False), "medium-diverse": ("big-maze", True, True),
+    "large-play": ("hardest-maze", True, False), "large-diverse": ("hardest-maze", True, True)}
+D4RL_ADROIT_SCORES = {"pen": (96.262799, 3076.8331017826877), "door": (-56.512833, 2880.5693087298737),
+                      "hammer": (-274.856578, 12794.134825156867), "relocate": (-6.425911, 4233.877797728884)}
 D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 OGBENCH_NAVIGATION = ("antmaze-medium-navigate", "antmaze-large-navigate", "antmaze-giant-navigate",
                       "antmaze-teleport-navigate", "humanoidmaze-medium-navigate", "humanoidmaze-large-navigate",
@@ -134,6 +144,8 @@ OGBENCH_MANIPULATION = ("cube-single-play", "cube-double-play", "cube-triple-pla
 
 def supported_env_ids() -> str:
     return (f"D4RL: {{{','.join(D4RL_LOCOMOTION)}}}-{{{','.join(D4RL_LOCOMOTION_DATASETS)}}}-v2\n  "
+            f"D4RL: antmaze-{{{','.join(D4RL_ANTMAZE_FILES)}}}-v2\n  "
+            f"D4RL: {{{','.join(D4RL_ADROIT_SCORES)}}}-{{human,cloned,expert}}-v1\n  "
             f"OGBench: <env>-singletask-v0 or <env>-singletask-task{{1..5}}-v0 with <env> one of\n      "
             + "\n      ".join(OGBENCH_NAVIGATION + OGBENCH_MANIPULATION))
 
@@ -147,6 +159,16 @@ def parse_env_id(env_id: str) -> Dict:
         file_name = f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
         return dict(suite="d4rl-locomotion", file_name=file_name, url=f"{D4RL_URL}/gym_mujoco_v2/{file_name}",
                     gym_id=gym_id, gym_kwargs=kwargs, ref_scores=(random_score, expert_score))
+    m = re.fullmatch(r"antmaze-(" + "|".join(D4RL_ANTMAZE_FILES) + r")-v2", env_id)
+    if m:
+        maze, multistart, multigoal = D4RL_ANTMAZE_FILES[m.group(1)]
+        file_name = f"Ant_maze_{maze}_noisy_multistart_{multistart}_multigoal_{multigoal}_sparse_fixed.hdf5"
+        return dict(suite="d4rl-antmaze", file_name=file_name, url=f"{D4RL_URL}/ant_maze_v2/{file_name}",
+                    ref_scores=(0.0, 1.0))
+    m = re.fullmatch(r"(pen|door|hammer|relocate)-(human|cloned|expert)-v1", env_id)
+    if m:
+        return dict(suite="d4rl-adroit", file_name=f"{env_id}.hdf5", url=f"{D4RL_URL}/hand_dapg_v1/{env_id}.hdf5",
+                    ref_scores=D4RL_ADROIT_SCORES[m.group(1)])
     m = re.fullmatch(r"(.+)-singletask(-task[1-5])?-v0", env_id)
     if m and m.group(1) in OGBENCH_NAVIGATION + OGBENCH_MANIPULATION:
         suite = "ogbench-navigation" if m.group(1) in OGBENCH_NAVIGATION else "ogbench-manipulation"
@@ -252,7 +274,9 @@ def load_dataset(args: Args) -> Dict[str, np.ndarray]:
             download(spec["url"], path)
         raw = read_d4rl_hdf5(path)
         data = qlearning_transitions(raw)
-        if spec["suite"] == "d4rl-locomotion":  # rewards scaled by 1000 / (max return - min return)
+        if spec["suite"] == "d4rl-antmaze":  # sparse 0/1 reward shifted to -1/0, as the official code
+            data["rewards"] = data["rewards"] - 1.0
+        else:  # rewards scaled by 1000 / (max return - min return)
             low, high = episode_return_range(raw["rewards"], raw["terminals"] | raw.get("timeouts", False))
             data["rewards"] = data["rewards"] * np.float32(1000.0 / max(high - low, 1e-6))
             print(f"dataset returns in [{low:.1f}, {high:.1f}]; rewards scaled by {1000.0 / max(high - low, 1e-6):.4f}")
@@ -277,10 +301,242 @@ def load_dataset(args: Args) -> Dict[str, np.ndarray]:
     return data
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# D4RL AntMaze v2 and Adroit v1 without the `d4rl` package: thin adapters over gymnasium-robotics' AntMaze v5 and
+# AdroitHand v1 that reproduce D4RL's observations, action mapping, goals, rewards, termination and horizons
+# (checked by replaying dataset states in tests/test_d4rl_envs.py; differences are listed in the README).
+# ---------------------------------------------------------------------------------------------------------------------
+# The maps antmaze-*-v2 registers (D4RL maze_env.U_MAZE_TEST, BIG_MAZE_TEST, HARDEST_MAZE_TEST);
+# '#' wall, 'r' start (origin of D4RL's frame), 'g' goal cell. Row i is D4RL's y = 4 (i - i_r).
+ANTMAZE_MAPS = {
+    "umaze": ["#####", "#r..#", "###.#", "#g..#", "#####"],
+    "medium": ["########", "#r.##..#", "#..#...#", "##...###", "#..#...#", "#.#..#.#", "#...#.g#",
+               "########"],
+    "large": ["############", "#r...#.....#", "#.##.#.#.#.#", "#......#...#", "#.####.###.#",
+              "#..#.#.....#", "##.#.#.#.###", "#..#...#.g.#", "############"]}
+ANTMAZE_HORIZON = {"umaze": 700, "medium": 1000, "large": 1000}
+GOAL_RADIUS = 0.5  # D4RL GoalReachingEnv: reward 1 and done when |xy - goal| <= 0.5 (gymnasium-robotics: 0.45)
+
+
+def _d4rl_ant_xml():
+    """gymnasium's ant.xml edited to D4RL's ant (d4rl/locomotion/assets/ant.xml); returns a temp path."""
+    src = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets", "ant.xml")
+    tree = ET.parse(src)
+    tree.find("option").set("timestep", "0.02")  # D4RL: 0.02 (control step 0.1 s); gymnasium 0.01
+    geom_default = tree.find("default/geom")
+    geom_default.set("solref", ".02 1")
+    geom_default.set("solimp", ".8 .8 .01")  # D4RL's contact softness; gymnasium uses MuJoCo's default
+    for motor in tree.iter("motor"):  # D4RL: gear 1, torque range +-30; gymnasium: gear 150, +-1
+        motor.set("gear", "1")
+        motor.set("ctrlrange", "-30 30")
+    fd, path = tempfile.mkstemp(suffix=".xml")
+    os.close(fd)
+    tree.write(path)
+    return path
+
+
+class D4RLAntMaze(gym.Wrapper):
+    """D4RL antmaze-*-v2 (eval mode) on gymnasium-robotics' AntMaze. Observations, goals and states
+    are in D4RL's frame; gymnasium-robotics' frame is D4RL's + `offset` once the map rows are reversed
+    (it builds the y-mirror image of the same map)."""
+
+    def __init__(self, maze):
+        rows = ANTMAZE_MAPS[maze]
+        gr_map = [[{"#": 1, ".": 0}.get(c, c) for c in row] for row in reversed(rows)]
+        from gymnasium_robotics.envs.maze.ant_maze_v5 import AntMazeEnv
+
+        xml = _d4rl_ant_xml()
+        env = AntMazeEnv(maze_map=gr_map, xml_file=xml, continuing_task=True,
+                         include_cfrc_ext_in_observation=False)
+        os.remove(xml)
+        os.remove(env.tmp_xml_file_path)
+        super().__init__(env)
+        cells = {c: [(i, j) for i, row in enumerate(rows) for j, ch in enumerate(row) if ch == c] for c in "rg"}
+        (ri, rj), = cells["r"]
+        self.goal_cells = [np.array([4.0 * (j - rj), 4.0 * (i - ri)]) for i, j in cells["g"]]
+        self.offset = env.maze.cell_rowcol_to_xy(np.array([len(rows) - 1 - ri, rj]))  # D4RL origin in gr frame
+        self.ant = env.ant_env
+        self.model, self.data = self.ant.model, self.ant.data
+        self.init_qpos = np.array([0, 0, 0.75, 1] + [0.0] * 11)  # D4RL frame, ant at the start cell
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (29,), np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (8,), np.float32)
+        self.goal = self.goal_cells[0].copy()
+
+    def _obs(self):
+        qpos, qvel = self.data.qpos[:15].copy(), self.data.qvel[:14].copy()
+        qpos[:2] -= self.offset
+        return np.concatenate([qpos, qvel])
+
+    def xy(self):
+        return self.data.qpos[:2] - self.offset
+
+    def set_state(self, qpos, qvel, goal=None):
+        """Dataset state (infos/qpos, infos/qvel, D4RL frame) -> observation."""
+        qpos = np.array(qpos, dtype=np.float64)
+        qpos[:2] += self.offset
+        qpos[3:7] /= np.linalg.norm(qpos[3:7])  # as mj_forward did in D4RL (3.1.6 still does; newer may not)
+        self.data.qpos[:], self.data.qvel[:] = qpos, np.asarray(qvel, np.float64)
+        self.data.qacc_warmstart[:] = 0
+        mujoco.mj_forward(self.model, self.data)
+        if goal is not None:
+            self.goal = np.array(goal, dtype=np.float64)
+        return self._obs()
+
+    def reset(self, *, seed=None, options=None):
+        self.env.reset(seed=seed)  # seeds np_random, resets the simulator
+        rng = self.env.unwrapped.np_random
+        # D4RL maze_env.goal_sampler: goal cell + U(0, 1) + U(0, 0.5) per axis, clipped at 0
+        cell = self.goal_cells[rng.integers(len(self.goal_cells))]
+        self.goal = np.maximum(cell + rng.uniform(0, 1, 2) + rng.uniform(0, 0.5, 2), 0.0)
+        if options and "goal" in options:  # D4RL set_target(goal)
+            self.goal = np.array(options["goal"], dtype=np.float64)
+        # D4RL AntEnv.reset_model: qpos noise U(-0.1, 0.1) on all 15 entries, qvel 0.1 N(0, 1)
+        obs = self.set_state(self.init_qpos + rng.uniform(-0.1, 0.1, 15), 0.1 * rng.standard_normal(14))
+        self.model.site_pos[self.env.unwrapped.target_site_id, :2] = self.goal + self.offset  # rendering
+        return obs, {"success": False, "goal": self.goal.copy()}
+
+    def step(self, action):
+        # D4RL NormalizedBoxEnv in float32: lb + (a + 1) * 0.5 * (ub - lb), clipped to [lb, ub]
+        a = np.asarray(action, dtype=np.float32)
+        lb, ub = np.float32(-30.0), np.float32(30.0)
+        self.ant.do_simulation(np.clip(lb + (a + 1) * np.float32(0.5) * (ub - lb), lb, ub), self.ant.frame_skip)
+        success = bool(np.linalg.norm(self.xy() - self.goal) <= GOAL_RADIUS)
+        return self._obs(), float(success), success, False, {"success": success, "goal": self.goal.copy()}
+
+
+def make_antmaze_env(env_id):
+    """antmaze-{umaze,umaze-diverse,medium-*,large-*}-v2 -> D4RL-equivalent gymnasium env."""
+    maze = env_id.split("-")[1]
+    return gym.wrappers.TimeLimit(D4RLAntMaze(maze), max_episode_steps=ANTMAZE_HORIZON[maze])
+
+
+ADROIT_HORIZON = {"pen": 100, "door": 200, "hammer": 200, "relocate": 200}
+
+
+class D4RLAdroit(gym.Wrapper):
+    """D4RL {pen,door,hammer,relocate}-v1: gymnasium-robotics' physics and observations (identical models),
+    reward / done / goal_achieved recomputed with D4RL's formulas (gymnasium-robotics 1.2.1-1.4.2 flips the
+    sign of the first distance term of door, hammer, relocate, and pen never terminates)."""
+
+    def __init__(self, task):
+        from gymnasium_robotics.envs import adroit_hand
+
+        super().__init__(getattr(adroit_hand, f"AdroitHand{task.capitalize()}Env")())
+        self.task = task
+        self.model, self.data = self.env.unwrapped.model, self.env.unwrapped.data
+        self.body = lambda name: mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, name)
+        self.site = lambda name: mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_SITE, name)
+        if task == "pen":  # D4RL measures the (rigid) pen lengths once at construction
+            mujoco.mj_forward(self.model, self.data)
+            u, sx = self.env.unwrapped, self.data.site_xpos
+            u.pen_length = np.linalg.norm(sx[self.site("object_top")] - sx[self.site("object_bottom")])
+            u.tar_length = np.linalg.norm(sx[self.site("target_top")] - sx[self.site("target_bottom")])
+
+    def reward(self):
+        """D4RL's (reward, done, goal_achieved) for the current simulator state."""
+        d, sx, norm, task = self.data, self.data.site_xpos, np.linalg.norm, self.task
+        if task == "pen":
+            u = self.env.unwrapped
+            obj, loc = d.xpos[self.body("Object")], sx[self.site("eps_ball")]
+            obj_orien = (sx[self.site("object_top")] - sx[self.site("object_bottom")]) / u.pen_length
+            tar_orien = (sx[self.site("target_top")] - sx[self.site("target_bottom")]) / u.tar_length
+            dist, sim = norm(obj - loc), float(obj_orien @ tar_orien)
+            r = -dist + sim + 10.0 * (dist < 0.075 and sim > 0.9) + 50.0 * (dist < 0.075 and sim > 0.95)
+            dropped = bool(obj[2] < 0.075)  # pen fell: -5 and episode end
+            return r - 5.0 * dropped, dropped, bool(dist < 0.075 and sim > 0.95)
+        if task == "door":
+            joint = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_JOINT, "door_hinge")
+            hinge = d.qpos[self.model.jnt_dofadr[joint]]  # D4RL indexes qpos by the dof address (same here)
+            r = -0.1 * norm(sx[self.site("S_grasp")] - sx[self.site("S_handle")]) - 0.1 * (hinge - 1.57) ** 2
+            r += -1e-5 * np.sum(d.qvel ** 2) + 2.0 * (hinge > 0.2) + 8.0 * (hinge > 1.0) + 10.0 * (hinge > 1.35)
+            return r, False, bool(hinge >= 1.35)
+        if task == "hammer":
+            obj, palm = d.xpos[self.body("Object")], sx[self.site("S_grasp")]
+            tool, nail, goal = sx[self.site("tool")], sx[self.site("S_target")], sx[self.site("nail_goal")]
+            nd = norm(nail - goal)
+            r = -0.1 * norm(palm - obj) - norm(tool - nail) - 10.0 * nd - 1e-2 * norm(d.qvel)
+            r += 2.0 * (obj[2] > 0.04 and tool[2] > 0.04) + 25.0 * (nd < 0.02) + 75.0 * (nd < 0.01)
+            return r, False, bool(nd < 0.01)
+        obj, palm, target = d.xpos[self.body("Object")], sx[self.site("S_grasp")], sx[self.site("target")]
+        od = norm(obj - target)
+        r = -0.1 * norm(palm - obj)
+        if obj[2] > 0.04:  # object lifted
+            r += 1.0 - 0.5 * norm(palm - target) - 0.5 * od
+        return r + 10.0 * (od < 0.1) + 20.0 * (od < 0.05), False, bool(od < 0.1)
+
+    def step(self, action):
+        obs, *_ = self.env.step(np.asarray(action, dtype=np.float32))  # physics + observation only
+        r, done, achieved = self.reward()
+        return obs, float(r), done, False, {"success": achieved, "goal_achieved": achieved}
+
+    def set_state(self, qpos, qvel, desired_orien=None, door_body_pos=None, board_pos=None,
+                  obj_pos=None, target_pos=None, obs=None, obs_qpos=None):
+        """Dataset state -> observation. Model-level task keys as D4RL's set_env_state. Relocate: pass `obs`, the
+        episode's first observation (and `obs_qpos`, its infos/qpos, if it is not this row) to rebuild the object
+        and target placement; the stored infos/obj_pos is the object's world position, not its body_pos.
+        Only first rows restore their observation exactly: after a step, MuJoCo's body/site positions (used in
+        Adroit observations) are those of the last substep's start, one substep stale."""
+        m, u = self.model, self.env.unwrapped
+        for value, array, idx in ((desired_orien, m.body_quat, self.body("target")),
+                                  (door_body_pos, m.body_pos, self.body("frame")),
+                                  (board_pos, m.body_pos, self.body("nail_board")),
+                                  (obj_pos, m.body_pos, self.body("Object")),
+                                  (target_pos, m.site_pos, self.site("target"))):
+            if value is not None:
+                array[idx] = value
+        if obs is not None and self.task == "relocate":  # obs[30:36] = palm - obj, palm - target (world)
+            u.set_state(np.asarray(qpos if obs_qpos is None else obs_qpos, np.float64), np.zeros(m.nv))
+            palm, obs = self.data.site_xpos[self.site("S_grasp")].copy(), np.asarray(obs, np.float64)
+            m.body_pos[self.body("Object")] += palm - obs[30:33] - self.data.xpos[self.body("Object")]
+            m.site_pos[self.site("target")] += palm - obs[33:36] - self.data.site_xpos[self.site("target")]
+        self.data.qacc_warmstart[:] = 0
+        u.set_state(np.asarray(qpos, np.float64), np.asarray(qvel, np.float64))  # includes mj_forward
+        return u._get_obs()
+
+    def get_state(self):
+        """D4RL's get_env_state keys for the current state (what the datasets store under infos/)."""
+        m, d = self.model, self.data
+        s = {"qpos": d.qpos.copy(), "qvel": d.qvel.copy()}
+        if self.task == "pen":
+            s["desired_orien"] = m.body_quat[self.body("target")].copy()
+        elif self.task == "door":
+            s["door_body_pos"] = m.body_pos[self.body("frame")].copy()
+        elif self.task == "hammer":
+            s["board_pos"] = m.body_pos[self.body("nail_board")].copy()
+        else:  # relocate: as D4RL, obj_pos is the object's world position, not its model body_pos
+            s["obj_pos"], s["target_pos"] = d.xpos[self.body("Object")].copy(), d.site_xpos[self.site("target")].copy()
+        return s
+
+
+def make_adroit_env(env_id):
+    """{pen,door,hammer,relocate}-{human,cloned,expert}-v1 -> D4RL-equivalent gymnasium env."""
+    task = env_id.split("-")[0]
+    return gym.wrappers.TimeLimit(D4RLAdroit(task), max_episode_steps=ADROIT_HORIZON[task])
+
+
+def d4rl_core(env):
+    """The D4RLAntMaze / D4RLAdroit layer under TimeLimit (simulator: .model, .data)."""
+    while not isinstance(env, (D4RLAntMaze, D4RLAdroit)):
+        env = env.env
+    return env
+
+
+def set_env_state(env, qpos, qvel, **task_keys):
+    """Set `env` (as made above) to a dataset state and return the observation.
+    AntMaze: infos/qpos, infos/qvel in D4RL's frame (optional goal=infos/goal). Adroit: infos/qpos, infos/qvel
+    plus desired_orien (pen), door_body_pos (door), board_pos (hammer), obs=first observation of the episode
+    and obs_qpos=its infos/qpos (relocate)."""
+    return d4rl_core(env).set_state(qpos, qvel, **task_keys)
+
+
 def make_eval_env(env_id: str) -> gym.Env:
     spec = parse_env_id(env_id)
     if spec["suite"] == "d4rl-locomotion":
         return gym.make(spec["gym_id"], **spec["gym_kwargs"])
+    if spec["suite"] == "d4rl-antmaze":
+        return make_antmaze_env(env_id)
+    if spec["suite"] == "d4rl-adroit":
+        return make_adroit_env(env_id)
     import ogbench
 
     return ogbench.make_env_and_datasets(env_id, env_only=True)
@@ -405,14 +661,12 @@ def transport(q_fn: Callable, obs: torch.Tensor, particles: torch.Tensor, steps:
         return particles
     b, n, a = particles.shape
     obs_flat = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
+    score_fn = torch.func.grad(lambda x: q_fn(obs_flat, x.view(b * n, a)).sum())  # x -> grad_a Q(s, a_j)
     x = particles.detach()
     m, v = torch.zeros_like(x), torch.zeros_like(x)
     beta1, beta2 = 0.9, 0.999
     for t in range(1, steps + 1):
-        with torch.enable_grad():
-            x_req = x.clone().requires_grad_(True)
-            score = torch.autograd.grad(q_fn(obs_flat, x_req.view(b * n, a)).sum(), x_req)[0]  # grad_a Q(s, a_j)
-        grad = -svgd_direction(x, score, alpha, grad_through_bandwidth)
+        grad = -svgd_direction(x, score_fn(x), alpha, grad_through_bandwidth)
         m = beta1 * m + (1 - beta1) * grad
         v = beta2 * v + (1 - beta2) * grad * grad
         m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)

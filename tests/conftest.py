@@ -6,10 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+torch.set_num_threads(1)  # the tests' networks are tiny: extra threads only add synchronisation overhead
 
 # Settings small enough for a 2-core CPU, shared by the end-to-end tests.
 TINY = ["--hidden-dims", "32", "32", "--batch-size", "32", "--num-particles", "4", "--bc-flow-steps", "3",
@@ -90,7 +92,7 @@ def ogbench_dir(tmp_path_factory):
 
 def run_script(*args, env=None, check=True, timeout=600):
     """Run vgf_offline.py through its real entry point."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_offline.py"), *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
