@@ -74,8 +74,8 @@ class Args:
     """discount factor gamma"""
     tau: float = 0.005
     """Polyak rate of the target critic"""
-    num_particles: int = 10
-    """N, particles (candidate actions) drawn from the reference policy per state"""
+    num_particles: Optional[int] = None
+    """N, particles (candidate actions) drawn from the reference policy per state (default 10; 5 with --amortised)"""
     bc_flow_steps: int = 10
     """K, Euler steps of the flow-matching reference sampler"""
     train_transport_steps: Optional[int] = None
@@ -86,6 +86,8 @@ class Args:
     """temperature of the Boltzmann target pi* ∝ mu exp(Q/alpha); the score is grad Q / alpha"""
     target_q_agg: Optional[Literal["min", "mean"]] = None
     """aggregation of the two critics in the TD target and for action selection"""
+    amortised: bool = False
+    """amortised VGF: a network f(s, a) trained to match grad_a Q at dataset actions drives the transport (no kernel)"""
     kernel_grad_through_bandwidth: bool = False
     """differentiate the repulsion through the median bandwidth too (the official code does; the SVGD equation does not)"""
     action_selection: Literal["max", "softmax", "random"] = "max"
@@ -98,6 +100,20 @@ class Args:
     """L_test values evaluated at every evaluation (0 = best-of-N from the reference policy)"""
     log_every: int = 1000
     """write losses to tensorboard every this many steps"""
+    online_steps: int = 0
+    """offline-to-online: environment steps of online fine-tuning after the offline steps (one update per step)"""
+    online_warmup: int = 5000
+    """online steps collected (acting with best-of-N, L = 0) before the updates resume"""
+
+    # Speed options: each keeps results equal up to floating-point rounding (tests/test_offline_speed.py)
+    compile: bool = False
+    """torch.compile the TD target and the losses (compiling takes minutes; pays off on long runs)"""
+    cudagraphs: bool = False
+    """with --compile on CUDA, also capture CUDA graphs (torch.compile mode 'reduce-overhead')"""
+    tf32: bool = True
+    """allow TF32 matrix multiplies on CUDA (JAX's default precision on GPUs)"""
+    fused_adam: bool = True
+    """fused Adam kernels for the critic and behaviour-flow optimisers"""
 
 
 # Per-suite defaults from the released run scripts; an explicit command-line value always wins.
@@ -187,6 +203,8 @@ def resolve_suite_defaults(args: Args) -> Args:
     for name, value in zip(SUITE_FIELDS, SUITE_DEFAULTS[suite]):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.num_particles is None:
+        args.num_particles = 5 if args.amortised else 10
     return args
 
 
@@ -263,9 +281,11 @@ def episode_return_range(rewards: np.ndarray, episode_ends: np.ndarray):
     return float(returns.min()), float(returns.max())
 
 
-def load_dataset(args: Args) -> Dict[str, np.ndarray]:
-    """Transitions (observations, actions, rewards, next_observations, masks) with the official preprocessing."""
+def load_dataset(args: Args):
+    """Transitions (observations, actions, rewards, next_observations, masks) with the official preprocessing, and the
+    reward transform r -> r * scale + shift that was applied (online transitions get the same)."""
     spec = parse_env_id(args.env_id)
+    reward_scale, reward_shift = 1.0, 0.0
     if spec["suite"].startswith("d4rl"):
         folder = args.dataset_dir or os.environ.get("D4RL_DATASET_DIR") or os.path.expanduser("~/.d4rl/datasets")
         path = os.path.join(folder, spec["file_name"])
@@ -275,11 +295,12 @@ def load_dataset(args: Args) -> Dict[str, np.ndarray]:
         raw = read_d4rl_hdf5(path)
         data = qlearning_transitions(raw)
         if spec["suite"] == "d4rl-antmaze":  # sparse 0/1 reward shifted to -1/0, as the official code
-            data["rewards"] = data["rewards"] - 1.0
+            reward_shift = -1.0
         else:  # rewards scaled by 1000 / (max return - min return)
             low, high = episode_return_range(raw["rewards"], raw["terminals"] | raw.get("timeouts", False))
-            data["rewards"] = data["rewards"] * np.float32(1000.0 / max(high - low, 1e-6))
-            print(f"dataset returns in [{low:.1f}, {high:.1f}]; rewards scaled by {1000.0 / max(high - low, 1e-6):.4f}")
+            reward_scale = 1000.0 / max(high - low, 1e-6)
+            print(f"dataset returns in [{low:.1f}, {high:.1f}]; rewards scaled by {reward_scale:.4f}")
+        data["rewards"] = (data["rewards"] * reward_scale + reward_shift).astype(np.float32)
         data["masks"] = 1.0 - data.pop("terminals")  # bootstrap unless a true terminal
     else:
         import ogbench
@@ -298,7 +319,7 @@ def load_dataset(args: Args) -> Dict[str, np.ndarray]:
         data = {k: train[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
                                                          "masks")}
     data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
-    return data
+    return data, reward_scale, reward_shift
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -589,21 +610,23 @@ class EnsembleLinear(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """Q_1..Q_E(s, a) as one batched module: MLP on concat(s, a), LayerNorm before each ReLU."""
+    """Q_1..Q_E(s, a) as one batched module: MLP on concat(s, a), LayerNorm before each ReLU.
+    With members=1 and out_dim=act_dim it is the amortised score network f(s, a) ≈ grad_a Q(s, a)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: List[int], members: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: List[int], members: int = 2, out_dim: int = 1):
         super().__init__()
-        sizes = [obs_dim + act_dim, *hidden_dims, 1]
+        sizes = [obs_dim + act_dim, *hidden_dims, out_dim]
         self.members = members
         self.linears = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(members, 1, h)) for h in hidden_dims)
         self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(members, 1, h)) for h in hidden_dims)
 
-    def forward(self, obs, act):  # [B, obs_dim], [B, act_dim] -> [E, B]
+    def forward(self, obs, act):  # [B, obs_dim], [B, act_dim] -> [E, B] (or [E, B, out_dim])
         x = torch.cat([obs, act], -1).expand(self.members, -1, -1)
         for linear, w, b in zip(self.linears[:-1], self.norm_weights, self.norm_biases):
             x = F.relu(F.layer_norm(linear(x), (w.shape[-1],), eps=1e-6) * w + b)
-        return self.linears[-1](x).squeeze(-1)
+        x = self.linears[-1](x)
+        return x.squeeze(-1) if x.shape[-1] == 1 else x
 
 
 def aggregate(qs: torch.Tensor, how: str) -> torch.Tensor:
@@ -662,11 +685,32 @@ def transport(q_fn: Callable, obs: torch.Tensor, particles: torch.Tensor, steps:
     b, n, a = particles.shape
     obs_flat = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
     score_fn = torch.func.grad(lambda x: q_fn(obs_flat, x.view(b * n, a)).sum())  # x -> grad_a Q(s, a_j)
-    x = particles.detach()
+    return adam_flow(particles, lambda x: svgd_direction(x, score_fn(x), alpha, grad_through_bandwidth), steps,
+                     step_size)
+
+
+def amortised_transport(score_net, obs, particles, steps: int, step_size: float, per_state_clip: bool):
+    """Amortised VGF: the learned f(s, a) ≈ grad_a Q(s, a) is the velocity (no kernel), with the update's norm clipped
+    to 1 (over the whole batch in training, per state when acting, as the official code acts one state at a time)."""
+    if steps == 0:
+        return particles
+    b, n, a = particles.shape
+    obs_flat = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
+    return adam_flow(particles, lambda x: score_net(obs_flat, x.view(b * n, a))[0].view(b, n, a), steps, step_size,
+                     max_norm=1.0, norm_dims=(1, 2) if per_state_clip else (0, 1, 2))
+
+
+def adam_flow(x, velocity: Callable, steps: int, step_size: float, max_norm: Optional[float] = None, norm_dims=None):
+    """x <- clip(x + Adam step along velocity(x), -1, 1), `steps` times, with a freshly initialised Adam (lr step_size,
+    betas 0.9/0.999, eps 1e-8) as the official code; optional global-norm clipping of -velocity first."""
+    x = x.detach()
     m, v = torch.zeros_like(x), torch.zeros_like(x)
     beta1, beta2 = 0.9, 0.999
     for t in range(1, steps + 1):
-        grad = -svgd_direction(x, score_fn(x), alpha, grad_through_bandwidth)
+        grad = -velocity(x)
+        if max_norm is not None:  # optax.clip_by_global_norm
+            norm = grad.pow(2).sum(norm_dims, keepdim=True).sqrt()
+            grad = torch.where(norm < max_norm, grad, grad / norm * max_norm)
         m = beta1 * m + (1 - beta1) * grad
         v = beta2 * v + (1 - beta2) * grad * grad
         m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
@@ -675,13 +719,16 @@ def transport(q_fn: Callable, obs: torch.Tensor, particles: torch.Tensor, steps:
 
 
 @torch.no_grad()
-def act(flow, critic, obs, args: Args, transport_steps: int, generator=None) -> torch.Tensor:
+def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, score_net=None) -> torch.Tensor:
     """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default)."""
     b, n = obs.shape[0], args.num_particles
     obs_rep = obs.repeat_interleave(n, 0)
     particles = sample_reference(flow, obs_rep, args.bc_flow_steps, generator).view(b, n, -1)
-    particles = transport(lambda o, x: critic(o, x).mean(0), obs, particles, transport_steps,
-                          args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
+    if score_net is not None:
+        particles = amortised_transport(score_net, obs, particles, transport_steps, args.transport_step_size, True)
+    else:
+        particles = transport(lambda o, x: critic(o, x).mean(0), obs, particles, transport_steps,
+                              args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
     q = aggregate(critic(obs_rep, particles.view(b * n, -1)), args.target_q_agg).view(b, n)
     if args.action_selection == "max":
         idx = q.argmax(1)
@@ -695,23 +742,35 @@ def act(flow, critic, obs, args: Args, transport_steps: int, generator=None) -> 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: value learning (TD target from transported particles) and behaviour flow matching
 # ---------------------------------------------------------------------------------------------------------------------
-def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args: Args) -> torch.Tensor:
+@torch.no_grad()  # torch.func.grad inside transport still differentiates w.r.t. the particles
+def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args: Args, score_net=None) -> torch.Tensor:
     """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online critic."""
     next_obs = batch["next_observations"]
     b, n = next_obs.shape[0], args.num_particles
     next_obs_rep = next_obs.repeat_interleave(n, 0)
-    with torch.no_grad():
-        particles = sample_reference(flow, next_obs_rep, args.bc_flow_steps).view(b, n, -1)
-    particles = transport(lambda o, x: critic(o, x).mean(0), next_obs, particles, args.train_transport_steps,
-                          args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
-    with torch.no_grad():
-        next_q = aggregate(target_critic(next_obs_rep, particles.view(b * n, -1)), args.target_q_agg)
-        return batch["rewards"] + args.discount * batch["masks"] * next_q.view(b, n).mean(1)
+    particles = sample_reference(flow, next_obs_rep, args.bc_flow_steps).view(b, n, -1)
+    if score_net is not None:
+        particles = amortised_transport(score_net, next_obs, particles, args.train_transport_steps,
+                                        args.transport_step_size, per_state_clip=False)
+    else:
+        particles = transport(lambda o, x: critic(o, x).mean(0), next_obs, particles, args.train_transport_steps,
+                              args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
+    next_q = aggregate(target_critic(next_obs_rep, particles.view(b * n, -1)), args.target_q_agg)
+    return batch["rewards"] + args.discount * batch["masks"] * next_q.view(b, n).mean(1)
 
 
 def critic_loss_fn(critic, target: torch.Tensor, batch) -> torch.Tensor:
+    """Squared TD error of both ensemble members (summed), averaged over the batch."""
     qs = critic(batch["observations"], batch["actions"])  # [E, B]
     return (target - qs).pow(2).sum(0).mean()
+
+
+def score_matching_loss(score_net, critic, batch) -> torch.Tensor:
+    """Amortised VGF: regress f(s, a) onto grad_a mean(Q1, Q2)(s, a) at dataset actions."""
+    obs, actions = batch["observations"], batch["actions"]
+    with torch.no_grad():
+        score = torch.func.grad(lambda a: critic(obs, a).mean(0).sum())(actions)
+    return (score_net(obs, actions)[0] - score).pow(2).mean()
 
 
 def flow_matching_loss(flow, batch) -> torch.Tensor:
@@ -733,23 +792,40 @@ class Agent(nn.Module):
         self.target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dims)
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate)
-        self.flow_opt = torch.optim.Adam(self.flow.parameters(), lr=args.learning_rate)
+        self.score_net = CriticEnsemble(obs_dim, act_dim, args.hidden_dims, 1, act_dim) if args.amortised else None
+        self.nets = [self.critic, self.flow] + ([self.score_net] if args.amortised else [])
+        self.opts = [torch.optim.Adam(net.parameters(), lr=args.learning_rate, fused=args.fused_adam)
+                     for net in self.nets]
+        self.td_target, self.losses = td_target, self._losses
+        if args.compile:  # the TD target (sampling + transport) and the losses, forward and backward
+            mode = "reduce-overhead" if args.cudagraphs else None
+            self.td_target = torch.compile(td_target, mode=mode)
+            self.losses = torch.compile(self._losses, mode=mode)
+
+    def _losses(self, batch: Dict[str, torch.Tensor], target: torch.Tensor) -> List[torch.Tensor]:
+        losses = [critic_loss_fn(self.critic, target, batch), flow_matching_loss(self.flow, batch)]
+        if self.args.amortised:
+            losses.append(score_matching_loss(self.score_net, self.critic, batch))
+        return losses
 
     def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One gradient step on the critic and on the behaviour flow; returns detached metrics (no host sync)."""
-        target = td_target(self.critic, self.target_critic, self.flow, batch, self.args)
-        critic_loss = critic_loss_fn(self.critic, target, batch)
-        flow_loss = flow_matching_loss(self.flow, batch)
-        self.critic_opt.zero_grad(set_to_none=True)
-        self.flow_opt.zero_grad(set_to_none=True)
-        (critic_loss + flow_loss).backward()  # the two losses share no parameters
+        """One gradient step on every network; returns detached metrics (no host sync)."""
+        target = self.td_target(self.critic, self.target_critic, self.flow, batch, self.args, self.score_net)
+        losses = self.losses(batch, target)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        sum(losses).backward()  # the losses share no parameters (the score target is detached)
         with torch.no_grad():  # Polyak update from the pre-update critic, as the official code
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), self.args.tau)
-        self.critic_opt.step()
-        self.flow_opt.step()
-        return {"losses/critic_loss": critic_loss.detach(), "losses/bc_flow_loss": flow_loss.detach(),
-                "charts/td_target_mean": target.mean()}
+        for net, opt in zip(self.nets, self.opts):
+            if self.args.amortised:  # the amortised variant clips every optimiser's global gradient norm to 1
+                nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+            opt.step()
+        metrics = {"losses/critic_loss": losses[0].detach(), "losses/bc_flow_loss": losses[1].detach(),
+                   "charts/td_target_mean": target.mean()}
+        if self.args.amortised:
+            metrics["losses/score_loss"] = losses[2].detach()
+        return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -763,7 +839,7 @@ def evaluate(agent: Agent, envs: List[gym.Env], args: Args, transport_steps: int
     while running.any():
         idx = np.flatnonzero(running)
         actions = act(agent.flow, agent.critic, torch.as_tensor(obs[idx], device=device), args, transport_steps,
-                      generator).cpu().numpy()
+                      generator, agent.score_net).cpu().numpy()
         for a, i in zip(actions, idx):
             o, r, terminated, truncated, info = envs[i].step(a)
             obs[i], returns[i] = o, returns[i] + r
@@ -797,14 +873,44 @@ def evaluate_all(agent, envs, args: Args, step: int, device, writer=None, run_di
     return rows
 
 
+def write_plots(run_dir: str):
+    """eval_curve.png: score over gradient steps, one line per L_test; test_time_scaling.png: final score vs L_test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(run_dir, "eval.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    if not rows:
+        return
+    label = "success rate (%)" if rows[0]["metric"] == "success_rate_percent" else "D4RL normalised score"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for L in sorted({r["L_test"] for r in rows}):
+        points = sorted((r["step"], r["score_mean"]) for r in rows if r["L_test"] == L)
+        ax.plot(*zip(*points), marker="o", label=f"L_test = {L}")
+    ax.set(xlabel="gradient step", ylabel=label, title=os.path.basename(run_dir)[:60])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "eval_curve.png"), dpi=120)
+    final = sorted((r for r in rows if r["step"] == rows[-1]["step"]), key=lambda r: r["L_test"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.errorbar([r["L_test"] for r in final], [r["score_mean"] for r in final], marker="o", capsize=3,
+                yerr=[r["score_std"] / math.sqrt(r["episodes"]) for r in final])  # standard error over episodes
+    ax.set(xlabel="test-time transport steps L_test", ylabel=label, title=f"test-time scaling at step {final[0]['step']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "test_time_scaling.png"), dpi=120)
+    plt.close("all")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything needed to resume bit for bit or to evaluate
 # ---------------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, agent: Agent, args: Args, step: int, dims: Dict):
+def save_checkpoint(path: str, agent: Agent, args: Args, step: int, dims: Dict, online_transitions=None):
     state = dict(format=CHECKPOINT_FORMAT, args=asdict(args), step=step, dims=dims,
-                 flow=agent.flow.state_dict(), critic=agent.critic.state_dict(),
-                 target_critic=agent.target_critic.state_dict(), critic_opt=agent.critic_opt.state_dict(),
-                 flow_opt=agent.flow_opt.state_dict(),
+                 online_transitions=online_transitions or {},
+                 nets=[net.state_dict() for net in agent.nets], opts=[opt.state_dict() for opt in agent.opts],
+                 target_critic=agent.target_critic.state_dict(),
                  rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     torch.save(state, path + ".tmp")
@@ -823,7 +929,7 @@ def load_checkpoint(path: str) -> Dict:
     return state
 
 
-STRUCTURAL_FIELDS = ("env_id", "hidden_dims")  # a checkpoint cannot be loaded if these differ
+STRUCTURAL_FIELDS = ("env_id", "hidden_dims", "amortised")  # a checkpoint cannot be loaded if these differ
 
 
 def merge_checkpoint_args(cli: Args, saved: Dict, path: str) -> Args:
@@ -842,8 +948,9 @@ def merge_checkpoint_args(cli: Args, saved: Dict, path: str) -> Args:
 
 def restore_agent(agent: Agent, state: Dict, path: str):
     try:
-        for name in ("flow", "critic", "target_critic", "critic_opt", "flow_opt"):
-            getattr(agent, name).load_state_dict(state[name])
+        agent.target_critic.load_state_dict(state["target_critic"])
+        for module, saved in zip(agent.nets + agent.opts, state["nets"] + state["opts"], strict=True):
+            module.load_state_dict(saved)
     except (RuntimeError, KeyError, ValueError) as e:
         raise VGFError(f"checkpoint {path} does not fit this configuration: {e}") from None
 
@@ -866,6 +973,7 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     args.run_name = run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -884,6 +992,7 @@ def main(args: Args):
     if args.eval_only:
         print(f"evaluating {args.checkpoint} (step {start_step}) on {args.env_id}")
         evaluate_all(agent, eval_envs, args, start_step, device, run_dir=run_dir)
+        write_plots(run_dir)
         return run_dir
 
     from torch.utils.tensorboard import SummaryWriter
@@ -897,35 +1006,65 @@ def main(args: Args):
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    data = load_dataset(args)
+    data, reward_scale, reward_shift = load_dataset(args)
     if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
         raise VGFError(f"dataset dimensions obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} do "
                        f"not match the environment's obs {obs_dim}, act {act_dim}")
-    dataset = {k: torch.as_tensor(v, device=device) for k, v in data.items()}  # whole dataset on the device
-    size = len(dataset["observations"])
+    size = offline_size = len(data["observations"])
+    # the whole dataset lives on the device, with room for the online transitions of offline-to-online fine-tuning
+    buffer = {k: torch.zeros((size + args.online_steps, *v.shape[1:]), dtype=torch.float32, device=device)
+              for k, v in data.items()}
+    for k, v in data.items():
+        buffer[k][:size] = torch.as_tensor(v, device=device)
+    del data
     print(f"{args.env_id}: {size} transitions, obs {obs_dim}, act {act_dim}, device {device}")
 
     if args.resume:  # RNG states last, so that sampling continues exactly where the checkpoint left off
+        for k, v in state.get("online_transitions", {}).items():
+            buffer[k][size: size + len(v)] = v.to(device)
+        size += len(state.get("online_transitions", {}).get("rewards", []))
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    online_transitions = lambda: {k: v[offline_size:size].cpu() for k, v in buffer.items()}
 
-    # ALGO LOGIC: training loop
+    # ALGO LOGIC: training loop (offline steps, then optional online fine-tuning with one env step per iteration)
+    last = args.total_steps + args.online_steps
     first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without host sync
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
-                    dynamic_ncols=True, smoothing=0.05)
-    last_time, last_step = time.time(), start_step
+    progress = tqdm(range(start_step + 1, last + 1), initial=start_step, total=last, dynamic_ncols=True, smoothing=0.05)
+    last_time, last_step, metrics = time.time(), start_step, None
+    env, env_obs, episode_return = None, None, 0.0
     for step in progress:
-        idx = torch.randint(0, size, (args.batch_size,), device=device)
-        metrics = agent.update({k: v[idx] for k, v in dataset.items()})
-        finite = torch.isfinite(metrics["losses/critic_loss"]) & torch.isfinite(metrics["losses/bc_flow_loss"])
-        first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
+        online_step = step - args.total_steps
+        if online_step > 0:  # offline-to-online: act with best-of-N (L = 0), append to the offline buffer
+            if env_obs is None:
+                env = env or make_eval_env(args.env_id)
+                env_obs, episode_return = env.reset(seed=args.seed + step)[0], 0.0
+            action = act(agent.flow, agent.critic, torch.as_tensor(env_obs, dtype=torch.float32, device=device)[None],
+                         args, 0, score_net=agent.score_net)[0].cpu().numpy()
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            transition = dict(observations=env_obs, actions=action, rewards=reward * reward_scale + reward_shift,
+                              next_observations=next_obs, masks=1.0 - float(terminated))
+            for k, v in transition.items():
+                buffer[k][size] = torch.as_tensor(v, dtype=torch.float32)
+            size, episode_return, env_obs = size + 1, episode_return + reward, next_obs
+            if terminated or truncated:
+                success = float(info.get("success", 0.0))
+                writer.add_scalar("online/episode_return", episode_return, online_step)
+                writer.add_scalar("online/episode_score", episode_score(args.env_id, episode_return, success), online_step)
+                writer.add_scalar("online/success", success, online_step)
+                env_obs = None
+        if online_step <= 0 or online_step >= args.online_warmup:
+            idx = torch.randint(0, size, (args.batch_size,), device=device)
+            metrics = agent.update({k: v[idx] for k, v in buffer.items()})
+            finite = torch.isfinite(metrics["losses/critic_loss"]) & torch.isfinite(metrics["losses/bc_flow_loss"])
+            first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
 
-        is_eval = step == args.total_steps or (args.eval_every and step % args.eval_every == 0)
-        if step % args.log_every == 0 or is_eval:
+        is_eval = step == last or (args.eval_every and step % args.eval_every == 0)
+        if (step % args.log_every == 0 or is_eval) and metrics is not None:
             if first_bad_step.item() >= 0:
                 raise VGFError(f"non-finite loss at step {first_bad_step.item()}; stopped. "
                                + (f"The last good checkpoint is {checkpoint_path}. " if os.path.exists(
@@ -941,9 +1080,10 @@ def main(args: Args):
         if is_eval:
             evaluate_all(agent, eval_envs, args, step, device, writer, run_dir)
             if args.save_model:
-                save_checkpoint(checkpoint_path, agent, args, step, dims)
+                save_checkpoint(checkpoint_path, agent, args, step, dims, online_transitions())
                 print(f"checkpoint saved to {checkpoint_path}")
     writer.close()
+    write_plots(run_dir)
     if args.track:
         wandb.finish()
     return run_dir

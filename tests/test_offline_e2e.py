@@ -63,16 +63,16 @@ def test_resume_continues_identically(d4rl_dir, tmp_path):
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     resumed = torch.load(tmp_path / "first_half" / "checkpoint.pt", weights_only=False)
     assert resumed["step"] == 20
-    for name in ("flow", "critic", "target_critic"):
-        for k, v in straight[name].items():
-            assert torch.equal(v, resumed[name][k]), f"{name}.{k} differs after resume"
+    for saved, restored in zip(straight["nets"] + [straight["target_critic"]], resumed["nets"] + [resumed["target_critic"]]):
+        for k, v in saved.items():
+            assert torch.equal(v, restored[k]), f"{k} differs after resume"
     assert [r["score_mean"] for r in read_eval(tmp_path / "straight")] == \
            [r["score_mean"] for r in read_eval(tmp_path / "first_half")]
     # a different seed gives different weights: the comparison above is not vacuous
     run_script(*common, "--total-steps", "10", "--run-name", "other_seed", "--seed", "7")
     other = torch.load(tmp_path / "other_seed" / "checkpoint.pt", weights_only=False)
     half = torch.load(tmp_path / "half.pt", weights_only=False)
-    assert not torch.equal(other["critic"]["linears.0.weight"], half["critic"]["linears.0.weight"])
+    assert not torch.equal(other["nets"][0]["linears.0.weight"], half["nets"][0]["linears.0.weight"])
 
 
 def test_resume_rejects_an_incompatible_checkpoint(d4rl_dir, tmp_path):
@@ -104,7 +104,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(d4rl_dir, tm
     proc = run_script("--resume", str(ckpt), "--dataset-dir", str(poisoned), "--total-steps", "6", check=False)
     assert proc.returncode == 2 and "non-finite loss at step 4" in proc.stderr and str(ckpt) in proc.stderr
     state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["critic"].values())
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["nets"][0].values())
 
 
 def test_missing_dataset_without_network_names_path_and_url(tmp_path):
