@@ -1,0 +1,163 @@
+"""Gradient updates per second and peak memory of vgf_offline.py's update, for each speed option (not a test).
+
+    python tests/bench_offline.py                      # paper and small settings, on CPU and on CUDA when present
+    python tests/bench_offline.py --quick              # CI-sized: tiny networks, a few updates
+    python tests/bench_offline.py --official-repo DIR  # also time the official JAX code (a checkout of ryanxhr/vgf)
+
+Every configuration runs in its own process (clean peak-memory numbers, no compile cache shared). Prints a table and
+writes JSON (--out). Achieved GFLOP/s counts the matrix multiplies of one update (see update_flops).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {  # name -> (obs_dim, act_dim, hidden_dims, batch, particles, flow_steps, transport_steps)
+    "paper-4x512": (28, 5, [512] * 4, 256, 10, 10, 5),  # the paper's setting (L_train 5 as the D4RL scripts)
+    "cube-single-4x512": (28, 5, [512] * 4, 256, 10, 10, 3),  # OGBench cube-single run-script settings
+    "cube-single-2x256": (28, 5, [256] * 2, 256, 10, 10, 3),
+    "quick": (11, 3, [32, 32], 32, 4, 3, 2),
+}
+OPTIONS = {  # name -> Args overrides; CUDA-only options are skipped on CPU
+    "eager": dict(fused_adam=False, tf32=False),
+    "eager+fused": dict(fused_adam=True, tf32=False),
+    "eager+fused+tf32": dict(fused_adam=True, tf32=True),
+    "compile+fused+tf32": dict(fused_adam=True, tf32=True, compile=True),
+    "compile+cudagraphs+fused+tf32": dict(fused_adam=True, tf32=True, compile=True, cudagraphs=True),
+}
+CUDA_ONLY = ("tf32", "cudagraphs")
+
+
+def update_flops(obs_dim, act_dim, hidden, batch, particles, flow_steps, transport_steps):
+    """Matrix-multiply FLOPs of one update: flow sampling, transport (forward + input gradient of both critics),
+    target critic, critic and flow losses (forward + backward)."""
+    macs = lambda sizes: sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    critic, flow = macs([obs_dim + act_dim, *hidden, 1]), macs([obs_dim + act_dim + 1, *hidden, act_dim])
+    m = batch * particles
+    total = m * flow_steps * flow + transport_steps * 2 * m * critic * 2 + 2 * m * critic
+    total += 3 * 2 * batch * critic + 3 * batch * flow
+    return 2 * total
+
+
+def run_one(setting, option, device, iters, warmup):
+    """Time `iters` updates after `warmup` ones (compilation included in warm-up) in this process."""
+    import resource
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    import vgf_offline as vgf
+
+    obs_dim, act_dim, hidden, batch, n, k, L = SETTINGS[setting]
+    torch.manual_seed(0)
+    overrides = OPTIONS[option]
+    args = vgf.resolve_suite_defaults(vgf.Args(env_id="cube-single-play-singletask-v0", hidden_dims=hidden,
+                                               batch_size=batch, num_particles=n, bc_flow_steps=k,
+                                               train_transport_steps=L, **overrides))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    dev = torch.device(device)
+    agent = vgf.Agent(obs_dim, act_dim, args).to(dev)
+    size = 100_000
+    data = {"observations": torch.randn(size, obs_dim, device=dev), "actions": torch.rand(size, act_dim, device=dev) * 2 - 1,
+            "rewards": torch.randn(size, device=dev), "next_observations": torch.randn(size, obs_dim, device=dev),
+            "masks": torch.ones(size, device=dev)}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        idx = torch.randint(0, size, (batch,), device=dev)
+        return agent.update({key: v[idx] for key, v in data.items()})
+
+    start = time.time()
+    for _ in range(warmup):
+        step()
+    sync()
+    warmup_s = time.time() - start
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    for _ in range(iters):
+        metrics = step()
+    sync()
+    elapsed = time.time() - start
+    assert torch.isfinite(metrics["losses/critic_loss"]), "non-finite loss in the benchmark"
+    ups = iters / elapsed
+    flops = update_flops(obs_dim, act_dim, hidden, batch, n, k, L)
+    return dict(impl="ours-torch", setting=setting, option=option, device=device, updates_per_s=ups,
+                warmup_s=warmup_s, gflops_per_update=flops / 1e9, achieved_gflop_s=flops * ups / 1e9,
+                peak_memory_mb=(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                torch=torch.__version__, threads=torch.get_num_threads(),
+                device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                load_avg=os.getloadavg()[0])
+
+
+def run_official(repo, python, setting, iters):
+    """Time the official JAX agent on the same setting with tests/official_vgf_bench.py-compatible output."""
+    obs_dim, act_dim, hidden, batch, n, k, L = SETTINGS[setting]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_vgf_bench.py")
+    proc = subprocess.run([python, script, "--repo", repo, "--hidden-dims", *map(str, hidden), "--iters", str(iters),
+                           "--transport-steps", str(L), "--json", "-"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(impl="official-jax", setting=setting, error=proc.stderr[-500:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, impl="official-jax", setting=setting, option="jit")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["paper-4x512", "cube-single-4x512", "cube-single-2x256"],
+                        choices=list(SETTINGS))
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="CI-sized: the tiny setting, eager options, 5 updates")
+    parser.add_argument("--official-repo", default=None, help="checkout of github.com/ryanxhr/vgf to time beside ours")
+    parser.add_argument("--official-python", default=sys.executable, help="interpreter that has jax/flax for it")
+    parser.add_argument("--out", default="bench_offline.json")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, JSON in/out
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(**json.loads(args.one))))
+        return
+    if args.quick:
+        args.settings, args.options, args.iters, args.warmup = ["quick"], ["eager", "eager+fused"], 5, 1
+    if args.devices is None:
+        import torch
+
+        args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = []
+    for setting in args.settings:
+        if args.official_repo:
+            results.append(run_official(args.official_repo, args.official_python, setting, args.iters))
+            print(json.dumps(results[-1]))
+        for device in args.devices:
+            for option in args.options:
+                if device == "cpu" and any(flag in option for flag in CUDA_ONLY):
+                    continue
+                job = dict(setting=setting, option=option, device=device, iters=args.iters, warmup=args.warmup)
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    results.append(dict(job, impl="ours-torch", error=proc.stderr[-500:]))
+                else:
+                    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(json.dumps(results[-1]))
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n{'setting':20s} {'impl':13s} {'option':30s} {'device':6s} {'upd/s':>8s} {'GFLOP/s':>8s} {'peak MB':>8s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['setting']:20s} {r['impl']:13s} {r.get('option', ''):30s} {r.get('device', ''):6s}  error")
+            continue
+        print(f"{r['setting']:20s} {r['impl']:13s} {r['option']:30s} {r.get('device', ''):6s} "
+              f"{r['updates_per_s']:8.2f} {r.get('achieved_gflop_s', float('nan')):8.1f} "
+              f"{r.get('peak_memory_mb', float('nan')):8.0f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
