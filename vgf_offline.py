@@ -856,7 +856,7 @@ def evaluate_all(agent, envs, args: Args, step: int, device, writer=None, run_di
     rows = []
     for L in args.eval_transport_steps:
         start = time.time()
-        row = dict(step=step, L_test=L, metric=metric,
+        row = dict(env_id=args.env_id, seed=args.seed, step=step, L_test=L, metric=metric,
                    **evaluate(agent, envs, args, L, seed=args.seed * 1_000_003 + 10_007 * L + 1, device=device))
         row["time_s"] = round(time.time() - start, 3)
         rows.append(row)
