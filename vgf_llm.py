@@ -70,6 +70,8 @@ class Args:
     """preference pairs per reward-model step"""
     rm_max_response_tokens: int = 128
     """responses of the preference data are cut to this many tokens"""
+    rm_pooling: Literal["last", "mean"] = "last"
+    """R reads the hidden state of the last token, or the mean over the response tokens (better on a frozen backbone)"""
     rm_train_backbone: bool = True
     """train the backbone with the head (the token embedding table stays frozen so particles share its space)"""
 
@@ -79,8 +81,7 @@ class Args:
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
     transport: Literal["topk", "embed"] = "topk"
-    """topk: each step moves tokens to the base model's top-k tokens ranked by the SVGD direction, accepted by exact
-    re-scoring of R/alpha + log mu; embed: SVGD on continuous token embeddings, decoded to nearest tokens"""
+    """topk: SVGD direction ranks swaps to the base model's top-k tokens, kept if R/alpha + log mu rises; embed: SVGD on token embeddings"""
     step_size: float = 0.05
     """epsilon: Adam learning rate of the embedding flow (--transport embed)"""
     alpha: float = 0.1
@@ -106,8 +107,7 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass"""
     judge: Optional[str] = None
-    """scorer not used for transport: `vader` (sentiment), a reward-model folder, or a hub sequence-classifier id;
-    default: the transport reward model itself (flagged as not independent)"""
+    """scorer not used for transport: `vader`, a reward-model folder or a hub classifier id (default: the transport RM, flagged)"""
 
 
 # TRY NOT TO MODIFY: loading models and data, with errors that say what to do
@@ -239,20 +239,25 @@ def pad(seqs, value, left, length=None):
 
 # ALGO LOGIC: the value function R(x, y) = backbone of the base model + a scalar head
 class RewardModel(nn.Module):
-    def __init__(self, backbone):
+    def __init__(self, backbone, pooling="last"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.pooling = backbone, pooling
         hidden = backbone.config.hidden_size
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, inputs_embeds, attention_mask):
-        """R at the last attended position; padding is masked, so it never reaches the score."""
+    def forward(self, inputs_embeds, attention_mask, num_response):
+        """R from the hidden state at the last attended position (or the mean over the last num_response positions,
+        the response); padding is masked, so it never reaches the score."""
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         h = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        h = h.last_hidden_state.float()
+        if self.pooling == "mean":
+            m = attention_mask[:, -num_response:, None].float()
+            return self.head((h[:, -num_response:] * m).sum(1) / m.sum(1).clamp(min=1)).squeeze(-1)
         last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(1)
-        return self.head(h.last_hidden_state[torch.arange(len(last)), last].float()).squeeze(-1)
+        return self.head(h[torch.arange(len(last)), last]).squeeze(-1)
 
     def save(self, folder, tok, info, backbone_ref=None):
         os.makedirs(folder, exist_ok=True)
@@ -261,7 +266,7 @@ class RewardModel(nn.Module):
         tok.save_pretrained(folder)
         torch.save(self.head.state_dict(), os.path.join(folder, "value_head.pt"))
         with open(os.path.join(folder, "vgf_reward.json"), "w") as f:
-            json.dump(dict(info, backbone=backbone_ref), f, indent=2)
+            json.dump(dict(info, backbone=backbone_ref, pooling=self.pooling), f, indent=2)
 
     @classmethod
     def load(cls, folder, dtype):
@@ -271,7 +276,7 @@ class RewardModel(nn.Module):
             raise SystemExit(f"{folder!r} is not a reward model of this program (no vgf_reward.json / value_head.pt)")
         info = json.load(open(os.path.join(folder, "vgf_reward.json")))
         ref = info.get("backbone") or {"path": folder, "gguf_file": None}
-        rm = cls(from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype))
+        rm = cls(from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype), info.get("pooling", "last"))
         rm.head.load_state_dict(torch.load(os.path.join(folder, "value_head.pt"), map_location="cpu"))
         return rm, info
 
@@ -294,9 +299,9 @@ def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False)
     def one(pi, pm, ri, rm_, re):
         re = embed(ri) if re is None else re
         if not grad:
-            return rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_))
+            return rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_), rm_.shape[1])
         re = re.detach().requires_grad_(True)
-        r = rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_))
+        r = rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_), rm_.shape[1])
         return r.detach(), torch.autograd.grad(r.sum(), re)[0]
 
     if r_emb is None:
@@ -336,8 +341,10 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
     if not args.rm_train_backbone:  # frozen backbone: pool the last-token features once, then train only the head
         head, rm.head, mb = rm.head, nn.Identity(), args.micro_batch_size
         with torch.no_grad():
-            feats = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
-                     for i in range(0, len(p), mb)]
+            feats = [
+                pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
+                for i in range(0, len(p), mb)
+            ]
         rm.head, (fc, fr) = head, (torch.cat(f) for f in zip(*feats))
     step, rng = 0, random.Random(args.seed)
     for epoch in range(args.rm_epochs):
@@ -347,7 +354,9 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
         for i in range(0, len(order), args.rm_batch_size):
             b = order[i : i + args.rm_batch_size]
             if args.rm_train_backbone:
-                rc, rr = pair_rewards(rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9)
+                rc, rr = pair_rewards(
+                    rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9
+                )
             else:
                 rc, rr = rm.head(fc[b]).squeeze(-1), rm.head(fr[b]).squeeze(-1)
             loss, acc = bradley_terry_loss(rc, rr)
@@ -371,8 +380,16 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     p, c, j = encode_pairs(tok, rows[: args.rm_eval_pairs], args, eos_id)
     rc, rr = [], []
     for i in range(0, len(p), args.micro_batch_size):
-        a, b = pair_rewards(rm, embed, p[i : i + args.micro_batch_size], c[i : i + args.micro_batch_size],
-                            j[i : i + args.micro_batch_size], tok.pad_token_id, device, args.micro_batch_size)
+        a, b = pair_rewards(
+            rm,
+            embed,
+            p[i : i + args.micro_batch_size],
+            c[i : i + args.micro_batch_size],
+            j[i : i + args.micro_batch_size],
+            tok.pad_token_id,
+            device,
+            args.micro_batch_size,
+        )
         rc.append(a), rr.append(b)
     rc, rr = torch.cat(rc), torch.cat(rr)
     loss, acc = bradley_terry_loss(rc, rr)
@@ -416,7 +433,9 @@ def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0,
     re = (embed(r_ids) if r_emb is None else r_emb).detach().float().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         x, m = joint_embeds(embed, p_ids, p_mask, re.to(dtype), r_mask)
-        logits = lm(inputs_embeds=x, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0), logits_to_keep=T + 1).logits
+        logits = lm(
+            inputs_embeds=x, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0), logits_to_keep=T + 1
+        ).logits
         logits = logits[:, :-1].float()  # position P-1+t predicts response token t
         logp = logits.log_softmax(-1).gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
         g = torch.autograd.grad(logp.sum(), re)[0] if grad else torch.zeros(0)
@@ -599,12 +618,14 @@ if __name__ == "__main__":
         from accelerate import PartialState
         from accelerate.utils import broadcast_object_list, gather_object
 
-        state = PartialState()
-        rank, device = state.process_index, state.device
+        state = PartialState(cpu=not (torch.cuda.is_available() and args.cuda))
+        world, rank, device = state.num_processes, state.process_index, state.device
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     model_path, gguf_file = resolve_model(args.model, args.gguf_file)
-    run_name = [args.run_name or f"{args.exp_name}__{os.path.basename(model_path.rstrip('/'))}__{args.seed}__{int(time.time())}"]
+    run_name = [
+        args.run_name or f"{args.exp_name}__{os.path.basename(model_path.rstrip('/'))}__{args.seed}__{int(time.time())}"
+    ]
     if world > 1:
         broadcast_object_list(run_name)
     run_dir = os.path.join(args.output_dir, run_name[0])
@@ -612,8 +633,14 @@ if __name__ == "__main__":
     if is_main and args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name[0], save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name[0],
+            save_code=True,
+        )
     writer = SummaryWriter(run_dir if is_main else os.path.join(run_dir, f"rank{rank}"))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -644,11 +671,23 @@ if __name__ == "__main__":
     else:
         rm_path = os.path.join(run_dir, "reward_model")
         if is_main:
-            rm = RewardModel(from_pretrained(AutoModel, model_path, gguf_file=gguf_file, dtype=dtype)).to(device)
-            rm_info = train_reward_model(rm, rm.backbone.get_input_embeddings(), tok, train_rows, test_rows, args,
-                                         device, writer, tok.eos_token_id)
-            ref = None if args.rm_train_backbone else {"path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path, "gguf_file": gguf_file}
-            rm.save(rm_path, tok, dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs)), ref)
+            rm = RewardModel(from_pretrained(AutoModel, model_path, gguf_file=gguf_file, dtype=dtype), args.rm_pooling).to(
+                device
+            )
+            rm_info = train_reward_model(
+                rm, rm.backbone.get_input_embeddings(), tok, train_rows, test_rows, args, device, writer, tok.eos_token_id
+            )
+            ref = (
+                None
+                if args.rm_train_backbone
+                else {
+                    "path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+                    "gguf_file": gguf_file,
+                }
+            )
+            rm.save(
+                rm_path, tok, dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs)), ref
+            )
         if world > 1:
             state.wait_for_everyone()
             if not is_main:
@@ -674,9 +713,13 @@ if __name__ == "__main__":
     for start in range(rank * args.prompt_batch_size, len(eval_rows), world * args.prompt_batch_size):
         rows = eval_rows[start : start + args.prompt_batch_size]
         B, t0 = len(rows), time.time()
-        p_ids, p_mask = (x.to(device) for x in pad([prompt_ids(tok, r["prompt"], args) for r in rows], tok.pad_token_id, left=True))
+        p_ids, p_mask = (
+            x.to(device) for x in pad([prompt_ids(tok, r["prompt"], args) for r in rows], tok.pad_token_id, left=True)
+        )
         pr_ids, pr_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
-        gen = torch.cat([sample_responses(lm, pr_ids[i : i + mb], pr_mask[i : i + mb], T, args.temperature) for i in range(0, B * n, mb)])
+        gen = torch.cat(
+            [sample_responses(lm, pr_ids[i : i + mb], pr_mask[i : i + mb], T, args.temperature) for i in range(0, B * n, mb)]
+        )
         ref_ids, r_mask = truncate_at_eos(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
         movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # EOS stays: each particle keeps its length
         t_sample = time.time() - t0
@@ -703,7 +746,14 @@ if __name__ == "__main__":
         snaps = transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed.weight.detach(), allowed, args)
         ref = snaps[0][:3]
         # chosen response of the dataset and plain sample (particle 0) as baselines
-        ch_ids, ch_mask = (x.to(device) for x in pad([response_ids(tok, r["chosen"], args.rm_max_response_tokens, tok.eos_token_id) for r in rows], tok.pad_token_id, left=False))
+        ch_ids, ch_mask = (
+            x.to(device)
+            for x in pad(
+                [response_ids(tok, r["chosen"], args.rm_max_response_tokens, tok.eos_token_id) for r in rows],
+                tok.pad_token_id,
+                left=False,
+            )
+        )
         ch_lp = token_logprobs(lm, embed, p_ids, p_mask, ch_ids, ch_mask, allowed, mb)[0].sum(1) / ch_mask.sum(1)
         sel = {}
         for L in steps:
@@ -712,14 +762,25 @@ if __name__ == "__main__":
             sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, secs=t_sample + secs)
         single = torch.arange(B, device=device) * n
         sample_nll = (-ref[2] / r_mask.sum(1).clamp(min=1))[single]
-        decode = lambda ids, mask: [tok.decode(x[m.bool() & ~torch.isin(x, eos_ids)], skip_special_tokens=True) for x, m in zip(ids, mask)]
+        decode = lambda ids, mask: [
+            tok.decode(x[m.bool() & ~torch.isin(x, eos_ids)], skip_special_tokens=True) for x, m in zip(ids, mask)
+        ]
         prompts = [r["prompt"] for r in rows]
         sample_text = decode(ref[0][single], r_mask[single])
         j_sample, j_chosen = judge(prompts, sample_text), judge(prompts, [r["chosen"] for r in rows])
         for b in range(B):
-            records.append(dict(prompt=rows[b]["prompt"], chosen=rows[b]["chosen"], sample=sample_text[b],
-                                judge_sample=j_sample[b], judge_chosen=j_chosen[b], nll_sample=sample_nll[b].item(),
-                                nll_chosen=-ch_lp[b].item(), vgf={}))
+            records.append(
+                dict(
+                    prompt=rows[b]["prompt"],
+                    chosen=rows[b]["chosen"],
+                    sample=sample_text[b],
+                    judge_sample=j_sample[b],
+                    judge_chosen=j_chosen[b],
+                    nll_sample=sample_nll[b].item(),
+                    nll_chosen=-ch_lp[b].item(),
+                    vgf={},
+                )
+            )
         for L in steps:
             s = sel[L]
             out_text = decode(s["ids"], r_mask[s["best"]])
@@ -728,9 +789,19 @@ if __name__ == "__main__":
                 k = s["best"][b]
                 m = movable[k]
                 ed = edit_distance(ref[0][k][m].tolist(), s["ids"][b][m].tolist())
-                records[-B + b]["vgf"][str(L)] = dict(text=out_text[b], judge=j[b], reward=s["R"][b].item(), nll=s["nll"][b].item(),
-                                                     edit_distance=ed, changed=ed / max(1, int(m.sum())), seconds=s["secs"] / B)
-        print(f"prompts {start + B}/{len(eval_rows)} (rank {rank}): " + ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-B:]]):.3f}" for L in steps))
+                records[-B + b]["vgf"][str(L)] = dict(
+                    text=out_text[b],
+                    judge=j[b],
+                    reward=s["R"][b].item(),
+                    nll=s["nll"][b].item(),
+                    edit_distance=ed,
+                    changed=ed / max(1, int(m.sum())),
+                    seconds=s["secs"] / B,
+                )
+        print(
+            f"prompts {start + B}/{len(eval_rows)} (rank {rank}): "
+            + ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-B:]]):.3f}" for L in steps)
+        )
 
     # Evaluation: gather, aggregate per L, print the table, write summary.json and samples.jsonl
     if world > 1:
@@ -743,30 +814,52 @@ if __name__ == "__main__":
         for L in steps:
             v = [r["vgf"][str(L)] for r in records]
             results[str(L)] = dict(
-                judge=float(np.mean(judge_of(L))), judge_se=se(judge_of(L)), reward=float(np.mean([x["reward"] for x in v])),
-                nll_per_token=float(np.mean([x["nll"] for x in v])), win_rate_vs_best_of_n=win_rate(judge_of(L), bon),
+                judge=float(np.mean(judge_of(L))),
+                judge_se=se(judge_of(L)),
+                reward=float(np.mean([x["reward"] for x in v])),
+                nll_per_token=float(np.mean([x["nll"] for x in v])),
+                win_rate_vs_best_of_n=win_rate(judge_of(L), bon),
                 win_rate_vs_sample=win_rate(judge_of(L), [r["judge_sample"] for r in records]),
                 win_rate_vs_chosen=win_rate(judge_of(L), [r["judge_chosen"] for r in records]),
-                edit_distance=float(np.mean([x["edit_distance"] for x in v])), tokens_changed=float(np.mean([x["changed"] for x in v])),
-                seconds_per_prompt=float(np.mean([x["seconds"] for x in v])))
+                edit_distance=float(np.mean([x["edit_distance"] for x in v])),
+                tokens_changed=float(np.mean([x["changed"] for x in v])),
+                seconds_per_prompt=float(np.mean([x["seconds"] for x in v])),
+            )
             for k, val in results[str(L)].items():
                 writer.add_scalar(f"eval/{k}", val, L)
         summary = dict(
-            run_name=run_name[0], judge=judge.name, num_prompts=len(records), reward_model=dict(rm_info, path=rm_path),
-            sample=dict(judge=float(np.mean([r["judge_sample"] for r in records])), judge_se=se([r["judge_sample"] for r in records]),
-                        nll_per_token=float(np.mean([r["nll_sample"] for r in records]))),
-            chosen=dict(judge=float(np.mean([r["judge_chosen"] for r in records])), judge_se=se([r["judge_chosen"] for r in records]),
-                        nll_per_token=float(np.mean([r["nll_chosen"] for r in records]))),
-            transport=results, args=asdict(args))
+            run_name=run_name[0],
+            judge=judge.name,
+            num_prompts=len(records),
+            reward_model=dict(rm_info, path=rm_path),
+            sample=dict(
+                judge=float(np.mean([r["judge_sample"] for r in records])),
+                judge_se=se([r["judge_sample"] for r in records]),
+                nll_per_token=float(np.mean([r["nll_sample"] for r in records])),
+            ),
+            chosen=dict(
+                judge=float(np.mean([r["judge_chosen"] for r in records])),
+                judge_se=se([r["judge_chosen"] for r in records]),
+                nll_per_token=float(np.mean([r["nll_chosen"] for r in records])),
+            ),
+            transport=results,
+            args=asdict(args),
+        )
         print(f"\njudge: {judge.name}; {len(records)} prompts, N={n}, transport={args.transport}")
-        print(f"{'method':<14}{'judge':>14}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}{'win/chosen':>11}{'edit':>7}{'s/prompt':>10}")
+        print(
+            f"{'method':<14}{'judge':>14}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}{'win/chosen':>11}{'edit':>7}{'s/prompt':>10}"
+        )
         for name in ("sample", "chosen"):
-            print(f"{name:<14}{summary[name]['judge']:>8.3f}±{summary[name]['judge_se']:.3f}{summary[name]['nll_per_token']:>9.2f}")
+            print(
+                f"{name:<14}{summary[name]['judge']:>8.3f}±{summary[name]['judge_se']:.3f}{summary[name]['nll_per_token']:>9.2f}"
+            )
         for L in steps:
             x = results[str(L)]
             label = "best-of-N" if L == 0 else f"VGF L={L}"
-            print(f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}{x['nll_per_token']:>9.2f}{x['win_rate_vs_best_of_n']:>9.2f}"
-                  f"{x['win_rate_vs_sample']:>9.2f}{x['win_rate_vs_chosen']:>11.2f}{x['edit_distance']:>7.1f}{x['seconds_per_prompt']:>10.2f}")
+            print(
+                f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}{x['nll_per_token']:>9.2f}{x['win_rate_vs_best_of_n']:>9.2f}"
+                f"{x['win_rate_vs_sample']:>9.2f}{x['win_rate_vs_chosen']:>11.2f}{x['edit_distance']:>7.1f}{x['seconds_per_prompt']:>10.2f}"
+            )
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

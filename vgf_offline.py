@@ -6,13 +6,13 @@
 import json
 import math
 import os
-import tempfile
-import xml.etree.ElementTree as ET
 import random
 import re
 import sys
+import tempfile
 import time
 import urllib.request
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Literal, Optional
 
@@ -32,7 +32,8 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     env_id: str = "halfcheetah-medium-v2"
-    """D4RL dataset id (e.g. hopper-medium-replay-v2) or OGBench singletask id (e.g. cube-double-play-singletask-v0)"""
+    """D4RL id (hopper-medium-replay-v2, antmaze-large-diverse-v2, pen-cloned-v1) or OGBench singletask id
+    (cube-double-play-singletask-v0, puzzle-4x4-play-singletask-task4-v0)"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -112,6 +113,9 @@ class Args:
     """with --compile on CUDA, also capture CUDA graphs (torch.compile mode 'reduce-overhead')"""
     tf32: bool = True
     """allow TF32 matrix multiplies on CUDA (JAX's default precision on GPUs)"""
+    cpu_onednn_matmul: bool = True
+    """on CPUs with AVX512-BF16, run float32 matrix multiplies through oneDNN's bf16-split float32 mode (about 2x
+    faster than MKL here; losses agree with plain float32 to ~1e-7 relative)"""
     fused_adam: bool = True
     """fused Adam kernels for the critic and behaviour-flow optimisers"""
 
@@ -247,8 +251,8 @@ def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
     for k, v in data.items():
         if len(v) != n or (k in ("rewards", "terminals", "timeouts") and v.ndim != 1) or \
                 (k in ("observations", "actions") and v.ndim != 2):
-            raise VGFError(f"{path}: key '{k}' has shape {v.shape}, expected ({n},{' D' if v.ndim == 2 else ''}) "
-                           f"like 'observations' {data['observations'].shape}")
+            raise VGFError(f"{path}: key '{k}' has shape {v.shape}; expected {n} rows like 'observations' "
+                           f"{data['observations'].shape}, 1-D for rewards/terminals/timeouts and 2-D otherwise")
     return data
 
 
@@ -613,20 +617,21 @@ class CriticEnsemble(nn.Module):
     """Q_1..Q_E(s, a) as one batched module: MLP on concat(s, a), LayerNorm before each ReLU.
     With members=1 and out_dim=act_dim it is the amortised score network f(s, a) ≈ grad_a Q(s, a)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: List[int], members: int = 2, out_dim: int = 1):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: List[int], members: int = 2,
+                 out_dim: Optional[int] = None):
         super().__init__()
-        sizes = [obs_dim + act_dim, *hidden_dims, out_dim]
-        self.members = members
+        sizes = [obs_dim + act_dim, *hidden_dims, out_dim or 1]
+        self.members, self.vector_output = members, out_dim is not None
         self.linears = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(members, 1, h)) for h in hidden_dims)
         self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(members, 1, h)) for h in hidden_dims)
 
-    def forward(self, obs, act):  # [B, obs_dim], [B, act_dim] -> [E, B] (or [E, B, out_dim])
+    def forward(self, obs, act):  # [B, obs_dim], [B, act_dim] -> [E, B] (or [E, B, out_dim] with out_dim)
         x = torch.cat([obs, act], -1).expand(self.members, -1, -1)
         for linear, w, b in zip(self.linears[:-1], self.norm_weights, self.norm_biases):
             x = F.relu(F.layer_norm(linear(x), (w.shape[-1],), eps=1e-6) * w + b)
         x = self.linears[-1](x)
-        return x.squeeze(-1) if x.shape[-1] == 1 else x
+        return x if self.vector_output else x.squeeze(-1)
 
 
 def aggregate(qs: torch.Tensor, how: str) -> torch.Tensor:
@@ -956,6 +961,13 @@ def restore_agent(agent: Agent, state: Dict, path: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def set_matmul_precision(args: Args):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    fast_cpu = args.cpu_onednn_matmul and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if fast_cpu else "none"
+
+
 def main(args: Args):
     # TRY NOT TO MODIFY: seeding and device
     if args.eval_only or args.resume:
@@ -973,7 +985,7 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    set_matmul_precision(args)
     args.run_name = run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     os.makedirs(run_dir, exist_ok=True)

@@ -21,14 +21,16 @@ SETTINGS = {  # name -> (obs_dim, act_dim, hidden_dims, batch, particles, flow_s
     "cube-single-2x256": (28, 5, [256] * 2, 256, 10, 10, 3),
     "quick": (11, 3, [32, 32], 32, 4, 3, 2),
 }
-OPTIONS = {  # name -> Args overrides; CUDA-only options are skipped on CPU
-    "eager": dict(fused_adam=False, tf32=False),
-    "eager+fused": dict(fused_adam=True, tf32=False),
+OPTIONS = {  # name -> Args overrides; options with a CUDA-only or CPU-only part are skipped on the other device
+    "eager": dict(fused_adam=False, tf32=False, cpu_onednn_matmul=False),
+    "eager+fused": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=False),
+    "eager+fused+onednn": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=True),
+    "compile+fused+onednn": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=True, compile=True),
     "eager+fused+tf32": dict(fused_adam=True, tf32=True),
     "compile+fused+tf32": dict(fused_adam=True, tf32=True, compile=True),
     "compile+cudagraphs+fused+tf32": dict(fused_adam=True, tf32=True, compile=True, cudagraphs=True),
 }
-CUDA_ONLY = ("tf32", "cudagraphs")
+DEVICE_ONLY = {"tf32": "cuda", "cudagraphs": "cuda", "onednn": "cpu"}
 
 
 def update_flops(obs_dim, act_dim, hidden, batch, particles, flow_steps, transport_steps):
@@ -57,7 +59,7 @@ def run_one(setting, option, device, iters, warmup):
     args = vgf.resolve_suite_defaults(vgf.Args(env_id="cube-single-play-singletask-v0", hidden_dims=hidden,
                                                batch_size=batch, num_particles=n, bc_flow_steps=k,
                                                train_transport_steps=L, **overrides))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    vgf.set_matmul_precision(args)
     dev = torch.device(device)
     agent = vgf.Agent(obs_dim, act_dim, args).to(dev)
     size = 100_000
@@ -124,7 +126,7 @@ def main():
         print(json.dumps(run_one(**json.loads(args.one))))
         return
     if args.quick:
-        args.settings, args.options, args.iters, args.warmup = ["quick"], ["eager", "eager+fused"], 5, 1
+        args.settings, args.options, args.iters, args.warmup = ["quick"], ["eager", "eager+fused+onednn"], 5, 1
     if args.devices is None:
         import torch
 
@@ -136,7 +138,7 @@ def main():
             print(json.dumps(results[-1]))
         for device in args.devices:
             for option in args.options:
-                if device == "cpu" and any(flag in option for flag in CUDA_ONLY):
+                if any(flag in option and device != only for flag, only in DEVICE_ONLY.items()):
                     continue
                 job = dict(setting=setting, option=option, device=device, iters=args.iters, warmup=args.warmup)
                 proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,

@@ -6,6 +6,7 @@ chosen = the most positive, rejected = the most negative (ties dropped). The sam
 
     python tests/make_sentiment_prefs.py --model /path/to/folder --gguf-file model.gguf --out prefs.jsonl
 """
+
 import argparse
 import json
 import os
@@ -26,16 +27,65 @@ TEMPLATES = [
     "Give a short opinion on {}.",
 ]
 TOPICS = [
-    "Mondays", "the weather today", "public transport", "your neighbour's dog", "rainy weekends", "traffic jams",
-    "airport queues", "homework", "the new phone update", "hospital food", "a long meeting", "winter mornings",
-    "the local football team", "fast food", "social media", "cold coffee", "a delayed train", "online shopping",
-    "the city centre", "waiting rooms", "a camping trip", "tax forms", "a concert last night", "the gym",
-    "a job interview", "moving house", "a surprise party", "cooking dinner", "learning to drive", "the dentist",
-    "a broken laptop", "summer holidays", "a noisy hotel", "group projects", "the old library", "a street market",
-    "a rainy commute", "video games", "a crowded beach", "your first day at work", "a power cut", "gardening",
-    "a school reunion", "customer service calls", "a lost suitcase", "a birthday dinner", "the morning news",
-    "a traffic fine", "a long flight", "a new restaurant", "bus drivers", "exam results", "a hiking trail",
-    "online meetings", "a leaking roof", "the weekend", "a movie sequel", "a flat tyre", "street musicians",
+    "Mondays",
+    "the weather today",
+    "public transport",
+    "your neighbour's dog",
+    "rainy weekends",
+    "traffic jams",
+    "airport queues",
+    "homework",
+    "the new phone update",
+    "hospital food",
+    "a long meeting",
+    "winter mornings",
+    "the local football team",
+    "fast food",
+    "social media",
+    "cold coffee",
+    "a delayed train",
+    "online shopping",
+    "the city centre",
+    "waiting rooms",
+    "a camping trip",
+    "tax forms",
+    "a concert last night",
+    "the gym",
+    "a job interview",
+    "moving house",
+    "a surprise party",
+    "cooking dinner",
+    "learning to drive",
+    "the dentist",
+    "a broken laptop",
+    "summer holidays",
+    "a noisy hotel",
+    "group projects",
+    "the old library",
+    "a street market",
+    "a rainy commute",
+    "video games",
+    "a crowded beach",
+    "your first day at work",
+    "a power cut",
+    "gardening",
+    "a school reunion",
+    "customer service calls",
+    "a lost suitcase",
+    "a birthday dinner",
+    "the morning news",
+    "a traffic fine",
+    "a long flight",
+    "a new restaurant",
+    "bus drivers",
+    "exam results",
+    "a hiking trail",
+    "online meetings",
+    "a leaking roof",
+    "the weekend",
+    "a movie sequel",
+    "a flat tyre",
+    "street musicians",
     "a hotel breakfast",
 ]
 
@@ -68,8 +118,9 @@ def main():
         for i in range(0, len(prompts), per):
             batch = prompts[i : i + per]
             ids, mask = vgf_llm.pad([vgf_llm.prompt_ids(tok, p, args) for p in batch], tok.pad_token_id, left=True)
-            gen = vgf_llm.sample_responses(lm, ids.repeat_interleave(a.samples, 0), mask.repeat_interleave(a.samples, 0),
-                                           a.max_new_tokens, 1.0)
+            gen = vgf_llm.sample_responses(
+                lm, ids.repeat_interleave(a.samples, 0), mask.repeat_interleave(a.samples, 0), a.max_new_tokens, 1.0
+            )
             gen, rmask = vgf_llm.truncate_at_eos(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
             texts = [tok.decode(g[m.bool()], skip_special_tokens=True).strip() for g, m in zip(gen, rmask)]
             for b, p in enumerate(batch):

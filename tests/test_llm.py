@@ -1,4 +1,5 @@
 """Tests of vgf_llm.py: CPU, offline, a tiny random Qwen2 model with the real Qwen tokenizer."""
+
 import importlib.util
 import json
 import math
@@ -21,8 +22,15 @@ def tiny_backbone(vocab=40, hidden=16):
     from transformers import Qwen2Config, Qwen2Model
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
     return Qwen2Model(cfg)
 
 
@@ -36,23 +44,55 @@ def tiny_setup(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
     root = tmp_path_factory.mktemp("llm")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     with open(root / "prefs.jsonl", "w") as f:
         for i in range(24):
             good, bad = ["good", "great", "lovely"][i % 3], ["bad", "awful", "sad"][i % 3]
-            f.write(json.dumps(dict(prompt=f"Say something about item {i}.", chosen=f"It is {good}.", rejected=f"It is {bad}.")) + "\n")
+            f.write(
+                json.dumps(dict(prompt=f"Say something about item {i}.", chosen=f"It is {good}.", rejected=f"It is {bad}."))
+                + "\n"
+            )
     return root
 
 
 def run_cli(root, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(root / "model"), "--dataset",
-           str(root / "prefs.jsonl"), "--output-dir", str(root / "runs"), "--num-particles", "3", "--max-new-tokens", "6",
-           "--num-eval-prompts", "3", "--eval-fraction", "0.25", "--prompt-batch-size", "2", "--transport-steps", *map(str, STEPS), *extra]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "vgf_llm.py"),
+        "--model",
+        str(root / "model"),
+        "--dataset",
+        str(root / "prefs.jsonl"),
+        "--output-dir",
+        str(root / "runs"),
+        "--num-particles",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--num-eval-prompts",
+        "3",
+        "--eval-fraction",
+        "0.25",
+        "--prompt-batch-size",
+        "2",
+        "--transport-steps",
+        *map(str, STEPS),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -61,8 +101,18 @@ def check_outputs(run_dir):
     assert set(summary["transport"]) == {str(L) for L in STEPS}
     for L in STEPS:
         res = summary["transport"][str(L)]
-        for key in ("judge", "judge_se", "reward", "nll_per_token", "win_rate_vs_best_of_n", "win_rate_vs_sample",
-                    "win_rate_vs_chosen", "edit_distance", "tokens_changed", "seconds_per_prompt"):
+        for key in (
+            "judge",
+            "judge_se",
+            "reward",
+            "nll_per_token",
+            "win_rate_vs_best_of_n",
+            "win_rate_vs_sample",
+            "win_rate_vs_chosen",
+            "edit_distance",
+            "tokens_changed",
+            "seconds_per_prompt",
+        ):
             assert math.isfinite(res[key]), (L, key, res[key])
     assert summary["transport"]["0"]["win_rate_vs_best_of_n"] == 0.5 and summary["transport"]["0"]["edit_distance"] == 0
     for name in ("sample", "chosen"):
@@ -80,13 +130,24 @@ def check_outputs(run_dir):
 def test_end_to_end_cli(tiny_setup):
     """Trains a reward model, samples, transports and evaluates through the real entry point; then reuses the
     reward model with the embedding-space transport and the saved reward model as judge."""
-    out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3")
+    out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3", "--rm-pooling", "mean")
     assert out.returncode == 0, out.stderr[-3000:]
     check_outputs(tiny_setup / "runs" / "train")
     rm_dir = tiny_setup / "runs" / "train" / "reward_model"
     assert (rm_dir / "vgf_reward.json").is_file() and (rm_dir / "value_head.pt").is_file()
-    out = run_cli(tiny_setup, "--run-name", "reuse", "--reward-model", str(rm_dir), "--judge", str(rm_dir),
-                  "--transport", "embed", "--step-size", "0.5")
+    out = run_cli(
+        tiny_setup,
+        "--run-name",
+        "reuse",
+        "--reward-model",
+        str(rm_dir),
+        "--judge",
+        str(rm_dir),
+        "--transport",
+        "embed",
+        "--step-size",
+        "0.5",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = check_outputs(tiny_setup / "runs" / "reuse")
     assert summary["judge"] == str(rm_dir)
@@ -140,7 +201,9 @@ def test_zero_steps_is_best_of_n():
     table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
     allowed = torch.ones(len(table), dtype=torch.bool)
     for mode in ("topk", "embed"):
-        snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
+        snaps = vgf_llm.transport(
+            ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
+        )
         assert torch.equal(snaps[0][0], ids)
         best, out_ids, out_r, _ = vgf_llm.select(*snaps[0][:3], snaps[0][:3], N, mask, nll_filter=False)
         r = reward_fn(ids, None, False).view(B, N)
@@ -161,7 +224,9 @@ def test_svgd_step_raises_toy_reward():
     allowed = torch.ones(len(table), dtype=torch.bool)
     r0 = reward_fn(ids, None, False).mean()
     for mode in ("topk", "embed"):
-        snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 1, 3], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
+        snaps = vgf_llm.transport(
+            ids, mask, mask.bool(), N, [0, 1, 3], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
+        )
         assert snaps[1][1].mean() > r0 and snaps[3][1].mean() > r0, mode
 
 
@@ -193,8 +258,9 @@ def test_bradley_terry_learns_separable_pairs():
     assert losses[-1] < 0.5 * losses[0] and accs[-1] == 1.0 and accs[-1] >= accs[0]
 
 
-def test_padding_never_leaks_into_reward_or_kernel():
-    rm = vgf_llm.RewardModel(tiny_backbone()).eval()
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_padding_never_leaks_into_reward_or_kernel(pooling):
+    rm = vgf_llm.RewardModel(tiny_backbone(), pooling).eval()
     embed = rm.backbone.get_input_embeddings()
     p_ids, p_mask = vgf_llm.pad([[3, 4, 5, 6], [7, 8]], 0, left=True)
     r_ids, r_mask = vgf_llm.pad([[10, 11, 1], [12, 1]], 0, left=False, length=5)

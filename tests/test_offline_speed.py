@@ -10,10 +10,11 @@ import torch
 import vgf_offline as vgf
 
 
-def run_updates(steps=4, **speed):
+def run_updates(steps=4, hidden=16, **speed):
     torch.manual_seed(0)
-    args = vgf.resolve_suite_defaults(vgf.Args(hidden_dims=[16, 16], num_particles=4, bc_flow_steps=3, batch_size=16,
-                                               train_transport_steps=2, **speed))
+    args = vgf.resolve_suite_defaults(vgf.Args(hidden_dims=[hidden, hidden], num_particles=4, bc_flow_steps=3,
+                                               batch_size=16, train_transport_steps=2, **speed))
+    vgf.set_matmul_precision(args)
     agent = vgf.Agent(5, 2, args)
     gen = torch.Generator().manual_seed(1)
     data = {"observations": torch.randn(64, 5, generator=gen), "actions": torch.rand(64, 2, generator=gen) * 2 - 1,
@@ -24,6 +25,7 @@ def run_updates(steps=4, **speed):
         idx = torch.randint(0, 64, (16,))
         metrics = agent.update({k: v[idx] for k, v in data.items()})
         losses.append([metrics["losses/critic_loss"].item(), metrics["losses/bc_flow_loss"].item()])
+    torch.backends.mkldnn.matmul.fp32_precision = "none"
     return torch.tensor(losses), torch.cat([p.flatten() for p in agent.critic.parameters()])
 
 
@@ -33,6 +35,15 @@ def test_fused_adam_matches_the_plain_update():
     assert torch.allclose(plain_losses, fused_losses, rtol=1e-5)
     assert torch.allclose(plain_params, fused_params, atol=1e-6)
     assert not torch.equal(plain_params, run_updates(steps=5, fused_adam=False)[1])  # the updates do move weights
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no AVX512-BF16")
+def test_onednn_matmul_matches_plain_float32():
+    plain_losses, plain_params = run_updates(steps=5, hidden=256, cpu_onednn_matmul=False)
+    fast_losses, fast_params = run_updates(steps=5, hidden=256, cpu_onednn_matmul=True)
+    torch.backends.mkldnn.matmul.fp32_precision = "none"
+    assert torch.allclose(plain_losses, fast_losses, rtol=1e-5)
+    assert torch.allclose(plain_params, fast_params, atol=1e-6)
 
 
 def test_compiled_update_matches_the_eager_update():
@@ -56,5 +67,5 @@ def test_benchmark_script_runs_in_ci_size(tmp_path):
     import json
 
     results = json.loads(out.read_text())
-    assert [r["option"] for r in results] == ["eager", "eager+fused"]
+    assert [r["option"] for r in results] == ["eager", "eager+fused+onednn"]
     assert all(r["updates_per_s"] > 0 and r["gflops_per_update"] > 0 and r["peak_memory_mb"] > 0 for r in results)
