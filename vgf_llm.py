@@ -759,7 +759,8 @@ if __name__ == "__main__":
         for L in steps:
             ids, R, lp_sum, secs = snaps[L]
             best, b_ids, b_R, b_nll = select(ids, R, lp_sum, ref, n, r_mask, args.nll_filter and L > 0)
-            sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, secs=t_sample + secs)
+            moved = (ids != ref[0]).any(1).view(B, n).float().mean(1)  # share of particles the flow changed
+            sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, secs=t_sample + secs, moved=moved)
         single = torch.arange(B, device=device) * n
         sample_nll = (-ref[2] / r_mask.sum(1).clamp(min=1))[single]
         decode = lambda ids, mask: [
@@ -796,6 +797,7 @@ if __name__ == "__main__":
                     nll=s["nll"][b].item(),
                     edit_distance=ed,
                     changed=ed / max(1, int(m.sum())),
+                    particles_moved=s["moved"][b].item(),
                     seconds=s["secs"] / B,
                 )
         print(
@@ -823,6 +825,7 @@ if __name__ == "__main__":
                 win_rate_vs_chosen=win_rate(judge_of(L), [r["judge_chosen"] for r in records]),
                 edit_distance=float(np.mean([x["edit_distance"] for x in v])),
                 tokens_changed=float(np.mean([x["changed"] for x in v])),
+                particles_moved=float(np.mean([x["particles_moved"] for x in v])),
                 seconds_per_prompt=float(np.mean([x["seconds"] for x in v])),
             )
             for k, val in results[str(L)].items():
@@ -847,7 +850,7 @@ if __name__ == "__main__":
         )
         print(f"\njudge: {judge.name}; {len(records)} prompts, N={n}, transport={args.transport}")
         print(
-            f"{'method':<14}{'judge':>14}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}{'win/chosen':>11}{'edit':>7}{'s/prompt':>10}"
+            f"{'method':<14}{'judge':>14}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}{'win/chosen':>11}{'edit':>7}{'moved':>7}{'s/prompt':>10}"
         )
         for name in ("sample", "chosen"):
             print(
@@ -858,7 +861,7 @@ if __name__ == "__main__":
             label = "best-of-N" if L == 0 else f"VGF L={L}"
             print(
                 f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}{x['nll_per_token']:>9.2f}{x['win_rate_vs_best_of_n']:>9.2f}"
-                f"{x['win_rate_vs_sample']:>9.2f}{x['win_rate_vs_chosen']:>11.2f}{x['edit_distance']:>7.1f}{x['seconds_per_prompt']:>10.2f}"
+                f"{x['win_rate_vs_sample']:>9.2f}{x['win_rate_vs_chosen']:>11.2f}{x['edit_distance']:>7.1f}{x['particles_moved']:>7.2f}{x['seconds_per_prompt']:>10.2f}"
             )
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -15,7 +15,7 @@ torch.set_num_threads(1)  # the tests' networks are tiny: extra threads only add
 
 # Settings small enough for a 2-core CPU, shared by the end-to-end tests.
 TINY = ["--hidden-dims", "32", "32", "--batch-size", "32", "--num-particles", "4", "--bc-flow-steps", "3",
-        "--train-transport-steps", "2", "--log-every", "10", "--no-cuda"]
+        "--train-transport-steps", "2", "--log-every", "10", "--no-cuda", "--no-compile"]
 
 
 def rollouts(env, episodes: int, length: int, seed: int):

@@ -111,6 +111,7 @@ def check_outputs(run_dir):
             "win_rate_vs_chosen",
             "edit_distance",
             "tokens_changed",
+            "particles_moved",
             "seconds_per_prompt",
         ):
             assert math.isfinite(res[key]), (L, key, res[key])

@@ -69,3 +69,20 @@ def test_benchmark_script_runs_in_ci_size(tmp_path):
     results = json.loads(out.read_text())
     assert [r["option"] for r in results] == ["eager", "eager+fused+onednn"]
     assert all(r["updates_per_s"] > 0 and r["gflops_per_update"] > 0 and r["peak_memory_mb"] > 0 for r in results)
+
+
+def test_a_failing_compilation_falls_back_to_eager(capsys):
+    torch.manual_seed(0)
+    args = vgf.resolve_suite_defaults(vgf.Args(hidden_dims=[8], num_particles=2, bc_flow_steps=1, batch_size=4,
+                                               compile=True))
+    agent = vgf.Agent(3, 2, args)
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    agent.td_target = broken
+    batch = {"observations": torch.randn(4, 3), "actions": torch.rand(4, 2) * 2 - 1, "rewards": torch.randn(4),
+             "next_observations": torch.randn(4, 3), "masks": torch.ones(4)}
+    metrics = agent.update(batch)
+    assert torch.isfinite(metrics["losses/critic_loss"]) and agent.td_target is vgf.td_target
+    assert "torch.compile failed (RuntimeError: no C++ compiler)" in capsys.readouterr().out
