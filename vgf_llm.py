@@ -491,6 +491,8 @@ def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_t
     u = embed_table[ids].float().clone()
     opt = torch.optim.Adam([u.requires_grad_(True)], lr=args.step_size)  # fresh Adam per transport, on -phi
     J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + log mu (+ const)
+    if args.transport == "topk":  # moves already rejected, remembered until the particle moves
+        tried = torch.zeros(cand.shape, dtype=torch.bool, device=ids.device)
     for step in range(1, max(steps) + 1):
         if args.transport == "embed":
             _, g = reward_fn(ids, u.detach(), True)
@@ -513,7 +515,7 @@ def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_t
             _, g = reward_fn(ids, u_cur, True)
             phi = particle_direction(u_cur, g / args.alpha, movable, n)
             gain = ((embed_table[cand].float() - u_cur[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
-            gain = gain.masked_fill((cand == ids[..., None]) | ~movable.bool()[..., None], -torch.inf)
+            gain = gain.masked_fill((cand == ids[..., None]) | ~movable.bool()[..., None] | tried, -torch.inf)
             m = min(args.num_proposals, T * args.top_k)
             best = gain.flatten(1).topk(m, -1)
             pos, kk = best.indices // args.top_k, best.indices % args.top_k
@@ -530,6 +532,7 @@ def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_t
             R = torch.where(accept, Rp[pick], R)
             lp = torch.where(accept[:, None], lpp[pick], lp)
             cand = torch.where(accept[:, None, None], candp[pick], cand)
+            tried = tried.flatten(1).scatter(1, best.indices, True).view_as(tried) & ~accept[:, None, None]
         if step in steps:
             snaps[step] = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0)
     return snaps

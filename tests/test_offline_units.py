@@ -147,7 +147,8 @@ def test_critic_ensemble_members_are_independent():
 
 def make_agent_and_data(seed):
     torch.manual_seed(seed)
-    args = vgf.resolve_suite_defaults(vgf.Args(hidden_dims=[16, 16], num_particles=4, bc_flow_steps=2, batch_size=8))
+    args = vgf.resolve_suite_defaults(vgf.Args(hidden_dims=[16, 16], num_particles=4, bc_flow_steps=2, batch_size=8,
+                                               compile=False))
     agent = vgf.Agent(3, 2, args)
     gen = torch.Generator().manual_seed(123)
     data = {"observations": torch.randn(50, 3, generator=gen), "actions": torch.rand(50, 2, generator=gen) * 2 - 1,
