@@ -295,3 +295,22 @@ def test_truncate_at_eos():
     out, mask = vgf_llm.truncate_at_eos(tokens, torch.tensor([9]), 0, 9)
     assert out.tolist() == [[5, 9, 0, 0, 0], [5, 6, 7, 8, 9]]
     assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_topk_transport_does_not_stall_on_rejected_moves():
+    """The value gradient ranks the same token first at every position; the base model forbids it (log mu = -100).
+    Rejected moves must not be proposed again, so the flow goes on to the next-best tokens."""
+    table, ids, mask, reward_fn, _, B, N = toy_problem()
+    allowed = torch.ones(len(table), dtype=torch.bool)
+    grads = reward_fn(ids, None, True)[1]
+    forbidden = int((table @ grads[0, 0]).argmax())  # the token every position's first-order gain prefers
+
+    def logprob_fn(x, emb, top_k, grad):
+        rep = len(x) // len(ids)
+        lp = torch.where(x == forbidden, -100.0, 0.0) * mask.repeat_interleave(rep, 0)
+        return lp, torch.arange(top_k).expand(*x.shape, top_k) if top_k else None, None
+
+    args = toy_args(num_proposals=1, top_k=len(table))
+    snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 12], reward_fn, logprob_fn, table, allowed, args)
+    assert not ((snaps[12][0] == forbidden) & (ids != forbidden)).any()  # the forbidden move was never taken
+    assert snaps[12][1].mean() > snaps[0][1].mean()
