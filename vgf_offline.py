@@ -90,7 +90,7 @@ class Args:
     amortised: bool = False
     """amortised VGF: a network f(s, a) trained to match grad_a Q at dataset actions drives the transport (no kernel)"""
     kernel_grad_through_bandwidth: bool = False
-    """differentiate the repulsion through the median bandwidth too (the official code does; the SVGD equation does not)"""
+    """also differentiate the repulsion through the median bandwidth (official code); the SVGD equation does not"""
     action_selection: Literal["max", "softmax", "random"] = "max"
     """how the acting particle is picked among the N transported ones"""
     eval_every: Optional[int] = None
@@ -651,7 +651,7 @@ def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, ge
 
 
 def median_bandwidth_gamma(sq_dists: torch.Tensor) -> torch.Tensor:
-    """1 / (2h + 1e-6) with h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state; [B, N, N] -> [B, 1, 1]."""
+    """1 / (2h + 1e-6), h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state; [B, N, N] -> [B, 1, 1]"""
     n = sq_dists.shape[-1]
     flat = sq_dists.flatten(1).sort(dim=1).values
     m = flat.shape[1]
@@ -749,7 +749,7 @@ def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, sco
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()  # torch.func.grad inside transport still differentiates w.r.t. the particles
 def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args: Args, score_net=None) -> torch.Tensor:
-    """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online critic."""
+    """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online Q."""
     next_obs = batch["next_observations"]
     b, n = next_obs.shape[0], args.num_particles
     next_obs_rep = next_obs.repeat_interleave(n, 0)
@@ -909,7 +909,8 @@ def write_plots(run_dir: str):
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.errorbar([r["L_test"] for r in final], [r["score_mean"] for r in final], marker="o", capsize=3,
                 yerr=[r["score_std"] / math.sqrt(r["episodes"]) for r in final])  # standard error over episodes
-    ax.set(xlabel="test-time transport steps L_test", ylabel=label, title=f"test-time scaling at step {final[0]['step']}")
+    ax.set(xlabel="test-time transport steps L_test", ylabel=label,
+           title=f"test-time scaling at step {final[0]['step']}")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "test_time_scaling.png"), dpi=120)
     plt.close("all")
@@ -1023,7 +1024,8 @@ def main(args: Args):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
     data, reward_scale, reward_shift = load_dataset(args)
     if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
@@ -1073,7 +1075,8 @@ def main(args: Args):
             if terminated or truncated:
                 success = float(info.get("success", 0.0))
                 writer.add_scalar("online/episode_return", episode_return, online_step)
-                writer.add_scalar("online/episode_score", episode_score(args.env_id, episode_return, success), online_step)
+                score = episode_score(args.env_id, episode_return, success)
+                writer.add_scalar("online/episode_score", score, online_step)
                 writer.add_scalar("online/success", success, online_step)
                 env_obs = None
         if online_step <= 0 or online_step >= args.online_warmup:
@@ -1085,17 +1088,17 @@ def main(args: Args):
         is_eval = step == last or (args.eval_every and step % args.eval_every == 0)
         if (step % args.log_every == 0 or is_eval) and metrics is not None:
             if first_bad_step.item() >= 0:
-                raise VGFError(f"non-finite loss at step {first_bad_step.item()}; stopped. "
-                               + (f"The last good checkpoint is {checkpoint_path}. " if os.path.exists(
-                                   checkpoint_path) else "") + "Try a smaller --transport-step-size or --learning-rate.")
+                kept = f"The last good checkpoint is {checkpoint_path}. " if os.path.exists(checkpoint_path) else ""
+                raise VGFError(f"non-finite loss at step {first_bad_step.item()}; stopped. {kept}"
+                               "Try a smaller --transport-step-size or --learning-rate.")
             values = {k: v.item() for k, v in metrics.items()}
             sps = (step - last_step) / max(time.time() - last_time, 1e-9)
             last_time, last_step = time.time(), step
             for k, v in values.items():
                 writer.add_scalar(k, v, step)
             writer.add_scalar("charts/SPS", sps, step)
-            progress.set_postfix(critic=f"{values['losses/critic_loss']:.3g}", bc=f"{values['losses/bc_flow_loss']:.3g}",
-                                 sps=f"{sps:.1f}")
+            progress.set_postfix(critic=f"{values['losses/critic_loss']:.3g}",
+                                 bc=f"{values['losses/bc_flow_loss']:.3g}", sps=f"{sps:.1f}")
         if is_eval:
             evaluate_all(agent, eval_envs, args, step, device, writer, run_dir)
             if args.save_model:
