@@ -723,17 +723,25 @@ def adam_flow(x, velocity: Callable, steps: int, step_size: float, max_norm: Opt
     return x
 
 
-@torch.no_grad()
-def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, score_net=None) -> torch.Tensor:
-    """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default)."""
+def transported_particles(flow, critic, score_net, obs, steps: int, args: Args, generator=None, acting=True):
+    """N particles per state from mu, moved `steps` steps by VGF on the online critic (or by the amortised score
+    network, whose update norm is clipped per state when acting); returns (obs repeated N times, particles)."""
     b, n = obs.shape[0], args.num_particles
     obs_rep = obs.repeat_interleave(n, 0)
     particles = sample_reference(flow, obs_rep, args.bc_flow_steps, generator).view(b, n, -1)
     if score_net is not None:
-        particles = amortised_transport(score_net, obs, particles, transport_steps, args.transport_step_size, True)
+        particles = amortised_transport(score_net, obs, particles, steps, args.transport_step_size, acting)
     else:
-        particles = transport(lambda o, x: critic(o, x).mean(0), obs, particles, transport_steps,
-                              args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
+        particles = transport(lambda o, x: critic(o, x).mean(0), obs, particles, steps, args.transport_step_size,
+                              args.alpha, args.kernel_grad_through_bandwidth)
+    return obs_rep, particles
+
+
+@torch.no_grad()
+def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, score_net=None) -> torch.Tensor:
+    """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default)."""
+    b, n = obs.shape[0], args.num_particles
+    obs_rep, particles = transported_particles(flow, critic, score_net, obs, transport_steps, args, generator)
     q = aggregate(critic(obs_rep, particles.view(b * n, -1)), args.target_q_agg).view(b, n)
     if args.action_selection == "max":
         idx = q.argmax(1)
@@ -750,16 +758,9 @@ def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, sco
 @torch.no_grad()  # torch.func.grad inside transport still differentiates w.r.t. the particles
 def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args: Args, score_net=None) -> torch.Tensor:
     """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online Q."""
-    next_obs = batch["next_observations"]
-    b, n = next_obs.shape[0], args.num_particles
-    next_obs_rep = next_obs.repeat_interleave(n, 0)
-    particles = sample_reference(flow, next_obs_rep, args.bc_flow_steps).view(b, n, -1)
-    if score_net is not None:
-        particles = amortised_transport(score_net, next_obs, particles, args.train_transport_steps,
-                                        args.transport_step_size, per_state_clip=False)
-    else:
-        particles = transport(lambda o, x: critic(o, x).mean(0), next_obs, particles, args.train_transport_steps,
-                              args.transport_step_size, args.alpha, args.kernel_grad_through_bandwidth)
+    b, n = batch["next_observations"].shape[0], args.num_particles
+    next_obs_rep, particles = transported_particles(flow, critic, score_net, batch["next_observations"],
+                                                    args.train_transport_steps, args, acting=False)
     next_q = aggregate(target_critic(next_obs_rep, particles.view(b * n, -1)), args.target_q_agg)
     return batch["rewards"] + args.discount * batch["masks"] * next_q.view(b, n).mean(1)
 
