@@ -89,8 +89,9 @@ class Args:
     """aggregation of the two critics in the TD target and for action selection"""
     amortised: bool = False
     """amortised VGF: a network f(s, a) trained to match grad_a Q at dataset actions drives the transport (no kernel)"""
-    kernel_grad_through_bandwidth: bool = False
-    """also differentiate the repulsion through the median bandwidth (official code); the SVGD equation does not"""
+    fixed_bandwidth: bool = False
+    """textbook SVGD: the repulsion holds the median bandwidth fixed; the official code and the paper's numbers
+    differentiate through it"""
     action_selection: Literal["max", "softmax", "random"] = "max"
     """how the acting particle is picked among the N transported ones"""
     eval_every: Optional[int] = None
@@ -641,11 +642,15 @@ def aggregate(qs: torch.Tensor, how: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: reference sampler, SVGD transport, action selection
 # ---------------------------------------------------------------------------------------------------------------------
-def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, generator=None) -> torch.Tensor:
-    """a ~ mu(.|s): K Euler steps of the learned velocity field from x_0 ~ N(0, I), then clip to [-1, 1]."""
-    x = torch.randn(obs.shape[0], flow.act_dim, device=obs.device, generator=generator)
+def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, generator=None,
+                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a ~ mu(.|s): K Euler steps of the learned velocity field from x_0 ~ N(0, I) (or x_0 = noise [B, A] when
+    given), then clip to [-1, 1]."""
+    if noise is None:
+        noise = torch.randn(obs.shape[0], flow.act_dim, device=obs.device, dtype=obs.dtype, generator=generator)
+    x = noise
     for i in range(flow_steps):
-        t = torch.full((obs.shape[0], 1), i / flow_steps, device=obs.device)
+        t = torch.full((obs.shape[0], 1), i / flow_steps, device=obs.device, dtype=obs.dtype)
         x = x + flow(obs, x, t) / flow_steps
     return x.clamp(-1.0, 1.0)
 
@@ -653,7 +658,8 @@ def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, ge
 def median_bandwidth_gamma(sq_dists: torch.Tensor) -> torch.Tensor:
     """1 / (2h + 1e-6), h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state; [B, N, N] -> [B, 1, 1]"""
     n = sq_dists.shape[-1]
-    flat = sq_dists.flatten(1).sort(dim=1).values
+    flat = sq_dists.flatten(1).sort(dim=1, stable=True).values  # stable, as jnp.median: with d_ij = d_ji the gradient
+    # of the median lands on the copy of the later row, as in the official code
     m = flat.shape[1]
     median = 0.5 * (flat[:, (m - 1) // 2] + flat[:, m // 2])  # mean of the two middle values, as jnp.median
     h = (median / (2.0 * math.log(n + 1.0))).clamp_min(1e-12)
@@ -661,14 +667,15 @@ def median_bandwidth_gamma(sq_dists: torch.Tensor) -> torch.Tensor:
 
 
 def svgd_direction(particles: torch.Tensor, score: torch.Tensor, alpha: float,
-                   grad_through_bandwidth: bool = False) -> torch.Tensor:
-    """phi(x_i) = (1/N) sum_j [k(x_j, x_i) score_j / alpha + grad_{x_j} k(x_j, x_i)] with an RBF kernel (SVGD)."""
+                   fixed_bandwidth: bool = False) -> torch.Tensor:
+    """phi(x_i) = (1/N) sum_j [k(x_j, x_i) score_j / alpha + grad_{x_j} k(x_j, x_i)] with an RBF kernel (SVGD).
+    The repulsion is differentiated through the median bandwidth too (official code), unless fixed_bandwidth."""
     x = particles.detach()
     diff = x.unsqueeze(2) - x.unsqueeze(1)  # [B, N, N, D], x_i - x_j
     sq_dists = diff.pow(2).sum(-1)
     gamma = median_bandwidth_gamma(sq_dists)
     kernel = torch.exp(-gamma * sq_dists)  # [B, N, N], symmetric
-    if grad_through_bandwidth:  # official code: autodiff of sum_ij k(x_i, stop(x_j)) including d h / d x
+    if not fixed_bandwidth:  # official code: autodiff of sum_ij k(x_i, stop(x_j)) including d h / d x
         with torch.enable_grad():
             xr = x.clone().requires_grad_(True)
             d2 = (xr.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)
@@ -679,7 +686,7 @@ def svgd_direction(particles: torch.Tensor, score: torch.Tensor, alpha: float,
 
 
 def transport(q_fn: Callable, obs: torch.Tensor, particles: torch.Tensor, steps: int, step_size: float, alpha: float,
-              grad_through_bandwidth: bool = False) -> torch.Tensor:
+              fixed_bandwidth: bool = False) -> torch.Tensor:
     """Value gradient flow: `steps` SVGD steps on particles [B, N, A] at states obs [B, S] toward mu exp(Q/alpha).
 
     q_fn(obs_flat [B*N, S], actions_flat [B*N, A]) -> [B*N]. Each step feeds -phi to a freshly initialised Adam
@@ -690,7 +697,7 @@ def transport(q_fn: Callable, obs: torch.Tensor, particles: torch.Tensor, steps:
     b, n, a = particles.shape
     obs_flat = obs.unsqueeze(1).expand(b, n, obs.shape[-1]).reshape(b * n, -1)
     score_fn = torch.func.grad(lambda x: q_fn(obs_flat, x.view(b * n, a)).sum())  # x -> grad_a Q(s, a_j)
-    return adam_flow(particles, lambda x: svgd_direction(x, score_fn(x), alpha, grad_through_bandwidth), steps,
+    return adam_flow(particles, lambda x: svgd_direction(x, score_fn(x), alpha, fixed_bandwidth), steps,
                      step_size)
 
 
@@ -723,25 +730,38 @@ def adam_flow(x, velocity: Callable, steps: int, step_size: float, max_norm: Opt
     return x
 
 
-def transported_particles(flow, critic, score_net, obs, steps: int, args: Args, generator=None, acting=True):
+def clip_global_norm_(params, max_norm: float):
+    """optax.clip_by_global_norm on the gradients: g * max_norm / |g| when |g| >= max_norm (torch's clip_grad_norm_
+    divides by |g| + 1e-6 and so differs)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    torch._foreach_mul_(grads, torch.where(norm < max_norm, 1.0, max_norm / norm))
+
+
+def transported_particles(flow, critic, score_net, obs, steps: int, args: Args, generator=None, acting=True,
+                          noise=None):
     """N particles per state from mu, moved `steps` steps by VGF on the online critic (or by the amortised score
-    network, whose update norm is clipped per state when acting); returns (obs repeated N times, particles)."""
+    network, whose update norm is clipped per state when acting); returns (obs repeated N times, particles).
+    Row b * N + i of obs_rep, particles.view(B * N, A) and noise (x_0 of mu's sampler) is particle i of state b."""
     b, n = obs.shape[0], args.num_particles
     obs_rep = obs.repeat_interleave(n, 0)
-    particles = sample_reference(flow, obs_rep, args.bc_flow_steps, generator).view(b, n, -1)
+    particles = sample_reference(flow, obs_rep, args.bc_flow_steps, generator, noise).view(b, n, -1)
     if score_net is not None:
         particles = amortised_transport(score_net, obs, particles, steps, args.transport_step_size, acting)
     else:
         particles = transport(lambda o, x: critic(o, x).mean(0), obs, particles, steps, args.transport_step_size,
-                              args.alpha, args.kernel_grad_through_bandwidth)
+                              args.alpha, args.fixed_bandwidth)
     return obs_rep, particles
 
 
 @torch.no_grad()
-def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, score_net=None) -> torch.Tensor:
-    """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default)."""
+def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, score_net=None,
+        noise=None) -> torch.Tensor:
+    """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default).
+    noise: optional x_0 [B * N, A] of mu's sampler (row b * N + i: particle i of state b)."""
     b, n = obs.shape[0], args.num_particles
-    obs_rep, particles = transported_particles(flow, critic, score_net, obs, transport_steps, args, generator)
+    obs_rep, particles = transported_particles(flow, critic, score_net, obs, transport_steps, args, generator,
+                                               noise=noise)
     q = aggregate(critic(obs_rep, particles.view(b * n, -1)), args.target_q_agg).view(b, n)
     if args.action_selection == "max":
         idx = q.argmax(1)
@@ -757,10 +777,12 @@ def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, sco
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()  # torch.func.grad inside transport still differentiates w.r.t. the particles
 def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args: Args, score_net=None) -> torch.Tensor:
-    """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online Q."""
+    """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online Q.
+    batch["target_x0"] [B * N, A], when present, is x_0 of mu's sampler (row b * N + i: particle i of s'_b)."""
     b, n = batch["next_observations"].shape[0], args.num_particles
     next_obs_rep, particles = transported_particles(flow, critic, score_net, batch["next_observations"],
-                                                    args.train_transport_steps, args, acting=False)
+                                                    args.train_transport_steps, args, acting=False,
+                                                    noise=batch.get("target_x0"))
     next_q = aggregate(target_critic(next_obs_rep, particles.view(b * n, -1)), args.target_q_agg)
     return batch["rewards"] + args.discount * batch["masks"] * next_q.view(b, n).mean(1)
 
@@ -780,10 +802,12 @@ def score_matching_loss(score_net, critic, batch) -> torch.Tensor:
 
 
 def flow_matching_loss(flow, batch) -> torch.Tensor:
-    """||v(s, x_t, t) - (a - x_0)||^2 with x_t = (1 - t) x_0 + t a, x_0 ~ N(0, I), t ~ U[0, 1]."""
+    """||v(s, x_t, t) - (a - x_0)||^2 with x_t = (1 - t) x_0 + t a, x_0 ~ N(0, I), t ~ U[0, 1]
+    (batch["flow_x0"] [B, A] and batch["flow_t"] [B, 1] when present)."""
     actions = batch["actions"]
-    x0 = torch.randn_like(actions)
-    t = torch.rand(actions.shape[0], 1, device=actions.device)
+    x0 = batch["flow_x0"] if "flow_x0" in batch else torch.randn_like(actions)
+    t = batch["flow_t"] if "flow_t" in batch else torch.rand(actions.shape[0], 1, device=actions.device,
+                                                            dtype=actions.dtype)
     return (flow(batch["observations"], (1 - t) * x0 + t * actions, t) - (actions - x0)).pow(2).mean()
 
 
@@ -832,7 +856,7 @@ class Agent(nn.Module):
             torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), self.args.tau)
         for net, opt in zip(self.nets, self.opts):
             if self.args.amortised:  # the amortised variant clips every optimiser's global gradient norm to 1
-                nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+                clip_global_norm_(net.parameters(), 1.0)
             opt.step()
         metrics = {"losses/critic_loss": losses[0].detach(), "losses/bc_flow_loss": losses[1].detach(),
                    "charts/td_target_mean": target.mean()}

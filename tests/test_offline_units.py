@@ -81,17 +81,18 @@ def reference_svgd(x, score, alpha):
     return phi
 
 
-def test_svgd_direction_matches_the_equation():
+def test_fixed_bandwidth_svgd_direction_matches_the_equation():
     torch.manual_seed(1)
     x, score = torch.rand(3, 6, 2, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
-    assert torch.allclose(vgf.svgd_direction(x, score, 0.3), reference_svgd(x, score, 0.3), atol=1e-10)
+    fixed = vgf.svgd_direction(x, score, 0.3, fixed_bandwidth=True)
+    assert torch.allclose(fixed, reference_svgd(x, score, 0.3), atol=1e-10)
 
 
-def test_bandwidth_gradient_option_differs_from_the_fixed_bandwidth():
+def test_default_repulsion_differs_from_the_fixed_bandwidth():
     torch.manual_seed(2)
     x, score = torch.rand(2, 5, 2, dtype=torch.float64), torch.zeros(2, 5, 2, dtype=torch.float64)
-    fixed = vgf.svgd_direction(x, score, 1.0)
-    through = vgf.svgd_direction(x, score, 1.0, grad_through_bandwidth=True)
+    fixed = vgf.svgd_direction(x, score, 1.0, fixed_bandwidth=True)
+    through = vgf.svgd_direction(x, score, 1.0)
     assert not torch.allclose(fixed, through)
     # with the bandwidth detached, autodiff of sum_ij k(x_i, stop(x_j)) gives the closed form
     xr = x.clone().requires_grad_(True)
