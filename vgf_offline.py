@@ -658,8 +658,9 @@ def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, ge
 def median_bandwidth_gamma(sq_dists: torch.Tensor) -> torch.Tensor:
     """1 / (2h + 1e-6), h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state; [B, N, N] -> [B, 1, 1]"""
     n = sq_dists.shape[-1]
-    flat = sq_dists.flatten(1).sort(dim=1, stable=True).values  # stable, as jnp.median: with d_ij = d_ji the gradient
-    # of the median lands on the copy of the later row, as in the official code
+    # stable sort, as jnp.median: d_ij = d_ji tie, and the copy that lands at the median index (so the particle that
+    # receives d median / d x in the official repulsion) must follow the flat order as it does there
+    flat = sq_dists.flatten(1).sort(dim=1, stable=True).values
     m = flat.shape[1]
     median = 0.5 * (flat[:, (m - 1) // 2] + flat[:, m // 2])  # mean of the two middle values, as jnp.median
     h = (median / (2.0 * math.log(n + 1.0))).clamp_min(1e-12)
