@@ -130,8 +130,9 @@ SHORT_NAMES = {"Qwen": "Qwen/", "SmolLM": "HuggingFaceTB/", "Llama": "meta-llama
 
 
 def looks_local(name: str):
-    """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or with a file suffix."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.splitext(name)[1] != ""
+    """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or a data/model file."""
+    files = (".gguf", ".jsonl", ".json", ".parquet", ".csv", ".txt")
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.lower().endswith(files)
 
 
 def resolve_model(name: str, gguf_file: Optional[str]):

@@ -337,6 +337,10 @@ def test_cli_errors_before_loading_and_no_run_folder(tiny_setup, tmp_path):
         out = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), *extra)
         assert out.returncode == 2 and out.stderr.startswith("error: ") and msg in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+    # hub ids and short names are not mistaken for missing paths
+    assert vgf_llm.resolve_model("Qwen2.5-1.5B", None) == ("Qwen/Qwen2.5-1.5B", None)
+    assert vgf_llm.resolve_model("Qwen/Qwen2.5-1.5B", None) == ("Qwen/Qwen2.5-1.5B", None)
+    assert not vgf_llm.looks_local("Anthropic/hh-rlhf") and vgf_llm.looks_local("data/prefs.jsonl")
 
 
 def test_end_of_turn_stops_responses_and_never_moves():
