@@ -1162,11 +1162,11 @@ def main(args: Args):
     # ALGO LOGIC: training loop (offline steps, then optional online fine-tuning with one env step per iteration)
     last = args.total_steps + args.online_steps
     first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without host sync
-    if args.compile:
-        print("compiling the update with torch.compile (about a minute; --no-compile skips it)")
     progress = tqdm(total=last, initial=start_step, dynamic_ncols=True, smoothing=0.05)
     last_time, last_step, metrics, step = time.time(), start_step, None, start_step
     try:
+        if args.compile:
+            progress.write("compiling the update with torch.compile (about a minute; --no-compile skips it)")
         for step in range(start_step + 1, last + 1):
             if step > args.total_steps:
                 online_step(agent, online["env"], online, buffer, args, step, reward_transform, writer, device)
