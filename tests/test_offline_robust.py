@@ -110,12 +110,14 @@ def test_ogbench_rewards_and_masks_relabel_the_state_before_the_action(ogbench_d
     np.savez(folder / "cube-single-play-v0.npz", **raw)
     data, scale, shift = vgf.load_dataset(vgf.Args(env_id="cube-single-play-singletask-v0", dataset_dir=str(folder)))
     assert (scale, shift) == (1.0, 0.0)
-    transition_of_row = np.cumsum(~raw["terminals"].astype(bool)) - 1  # raw row -> transition whose s it is
-    hits = transition_of_row[success_rows]
-    expected = -np.ones(len(data["rewards"]), np.float32)
-    expected[hits] = 0.0
+    success = np.linalg.norm(raw["qpos"][:, 14:17] - target, axis=1) <= 0.04  # cube within 4 cm of its target
+    s_rows = np.flatnonzero(~raw["terminals"].astype(bool))  # raw row of each transition's s (s' is the next row)
+    expected = success[s_rows].astype(np.float32) - 1.0
     np.testing.assert_array_equal(data["rewards"], expected)
     np.testing.assert_array_equal(data["masks"], -expected)  # 1 - success
+    assert not np.array_equal(expected, success[s_rows + 1] - 1.0)  # labelling s' instead would differ here
+    hits = np.searchsorted(s_rows, success_rows)
+    assert (data["rewards"][hits] == 0).all()
     np.testing.assert_array_equal(data["observations"][hits], raw["observations"][success_rows])
 
 
