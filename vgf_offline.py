@@ -1040,7 +1040,7 @@ def set_matmul_precision(args: Args):
 
 def cpu_threads_warning(load: float, cores: int, threads: int) -> Optional[str]:
     """PyTorch starts one thread per core; when other programs keep the cores busy, its threads wait on each other
-    and a step can be tens of times slower (measured 35x on a busy 2-core machine)."""
+    and a step can be tens of times slower."""
     if threads > 1 and load + threads > cores + 0.5:
         return (f"warning: the CPU is busy (load {load:.1f} on {cores} cores) and PyTorch uses {threads} threads, "
                 "which can make each step many times slower; run with OMP_NUM_THREADS=1 or --threads 1")
