@@ -413,8 +413,9 @@ def load_dataset(args: Args):
                 low, high, count = episode_return_range(raw["rewards"], raw["terminals"] | raw.get("timeouts", False))
                 what = "true episodes (--reward-scale-episodes true)"
             if not high - low > 1e-6:
-                raise VGFError(f"{path}: all {count} {what.split(' (')[0]} have the same return {low:.4g}, so the reward "
-                               "scale 1000 / (max - min return) is undefined; try the other --reward-scale-episodes")
+                raise VGFError(f"{path}: all {count} {what.split(' (')[0]} have the same return {low:.4g}, so the "
+                               "reward scale 1000 / (max - min return) is undefined; try the other "
+                               "--reward-scale-episodes")
             reward_scale = 1000.0 / (high - low)
             print(f"returns in [{low:.1f}, {high:.1f}] over {count} {what}; rewards scaled by {reward_scale:.4f}")
         data["rewards"] = (data["rewards"] * reward_scale + reward_shift).astype(np.float32)
@@ -1047,10 +1048,11 @@ def cpu_threads_warning(load: float, cores: int, threads: int) -> Optional[str]:
     return None
 
 
-def online_step(agent: Agent, env: gym.Env, online: Dict, buffer: Dict[str, torch.Tensor], args: Args, step: int,
-                reward_transform, writer, device):
-    """Offline-to-online: one environment step acting with best-of-N (L = 0); the transition is appended to the
+def online_step(agent: Agent, online: Dict, buffer: Dict[str, torch.Tensor], args: Args, step: int, reward_transform,
+                writer, device):
+    """Offline-to-online: one step of online["env"] acting with best-of-N (L = 0); the transition is appended to the
     buffer after the offline data (online["size"] counts the filled rows) and finished episodes are logged."""
+    env = online["env"]
     if online["obs"] is None:
         online["obs"], online["return"] = env.reset(seed=args.seed + step)[0], 0.0
     obs = torch.as_tensor(online["obs"], dtype=torch.float32, device=device)[None]
@@ -1169,7 +1171,7 @@ def main(args: Args):
             progress.write("compiling the update with torch.compile (about a minute; --no-compile skips it)")
         for step in range(start_step + 1, last + 1):
             if step > args.total_steps:
-                online_step(agent, online["env"], online, buffer, args, step, reward_transform, writer, device)
+                online_step(agent, online, buffer, args, step, reward_transform, writer, device)
             if step <= args.total_steps or step - args.total_steps >= args.online_warmup:
                 idx = torch.randint(0, online["size"], (args.batch_size,), device=device)
                 batch = {k: v[idx] for k, v in buffer.items()}

@@ -117,6 +117,8 @@ def test_missing_dataset_without_network_names_path_and_url(tmp_path):
     proc = run_script("--env-id", "cube-double-play-singletask-v0", "--dataset-dir", str(empty), "--output-dir",
                       str(tmp_path), "--eval-episodes", "1", check=False, env=proxy)
     assert proc.returncode == 2 and str(empty / "cube-double-play-v0.npz") in proc.stderr
+    assert "D4RL_DATASET_DIR" not in proc.stderr
+    assert not empty.exists() and os.listdir(tmp_path) == []  # no dataset folder, no run folder left behind
 
 
 def test_unknown_env_id_exits_with_the_supported_list(tmp_path):

@@ -1,4 +1,4 @@
-"""Data preprocessing as the official code, per-task defaults, input validation and what a user sees (vgf_offline.py)."""
+"""Data preprocessing as the official code, per-task defaults, input validation and what a user sees."""
 import os
 import shutil
 import signal
