@@ -107,9 +107,8 @@ class Args:
     online_warmup: int = 5000
     """online steps collected (acting with best-of-N, L = 0) before the updates resume"""
     reward_scale_episodes: Literal["official", "true"] = "official"
-    """D4RL locomotion / Adroit rewards are scaled by 1000 / (max - min return). 'official': returns of windows cut at
-    terminals or every 1000 rows of the timeout-stripped transitions (the official code); 'true': of the dataset's
-    episodes (ended by terminals or timeouts)"""
+    """returns behind the D4RL locomotion / Adroit reward scale 1000 / (max - min return): 'official' of windows cut at
+    terminals or every 1000 rows of the timeout-stripped transitions (official code), 'true' of the true episodes"""
 
     # Speed options: each keeps results equal up to floating-point rounding (tests/test_offline_speed.py)
     compile: bool = True
@@ -124,8 +123,7 @@ class Args:
     fused_adam: bool = True
     """fused Adam kernels for the critic and behaviour-flow optimisers"""
     threads: Optional[int] = None
-    """CPU threads of PyTorch (default: its own choice, one per core; 1 is fastest when other programs keep the cores
-    busy)"""
+    """CPU threads of PyTorch (default: one per core; 1 is fastest when other programs keep the cores busy)"""
 
 
 # Per-suite defaults from the released run scripts (run_scripts/*.sh of the official code); task_defaults adds their
