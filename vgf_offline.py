@@ -341,12 +341,12 @@ def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 
     n = len(data["observations"])
     if "timeouts" in data:
         timeouts = data["timeouts"].astype(bool)
-    else:  # old files: episodes are cut every max_episode_steps
+    else:  # old files: episodes are cut every max_episode_steps, counted as d4rl does (1 after a terminal row)
         timeouts = np.zeros(n, bool)
         step = 0
         for i in range(n):
             timeouts[i] = step == max_episode_steps - 1
-            step = 0 if (data["terminals"][i] or timeouts[i]) else step + 1
+            step = 0 if timeouts[i] else 1 if data["terminals"][i] else step + 1
     keep = np.flatnonzero(~timeouts[:-1])
     return dict(observations=data["observations"][keep].astype(np.float32),
                 actions=data["actions"][keep].astype(np.float32),

@@ -300,3 +300,33 @@ def test_losses_are_logged_from_the_first_step(d4rl_dir, tmp_path):
     events = EventAccumulator(str(tmp_path / "r")).Reload()
     assert [e.step for e in events.Scalars("losses/critic_loss")] == [1, 3]  # first step, then the final evaluation
     assert [e.step for e in events.Scalars("charts/SPS")] == [3]  # the first step (compilation) is not timed
+
+
+def d4rl_qlearning_rows(terminals, timeouts, max_episode_steps):
+    """The rows d4rl.qlearning_dataset keeps (its loop written out; timeouts=None: a file without the key)."""
+    kept, episode_step = [], 0
+    for i in range(len(terminals) - 1):
+        final = timeouts[i] if timeouts is not None else episode_step == max_episode_steps - 1
+        if final:
+            episode_step = 0
+            continue
+        if terminals[i]:
+            episode_step = 0
+        kept.append(i)
+        episode_step += 1
+    return kept
+
+
+@pytest.mark.parametrize("with_timeouts", [True, False])
+def test_qlearning_transitions_keep_the_rows_d4rl_keeps(with_timeouts):
+    rng = np.random.default_rng(0)
+    n = 500
+    terminals, timeouts = rng.random(n) < 0.02, rng.random(n) < 0.02
+    data = dict(observations=np.arange(n, dtype=np.float32)[:, None], actions=np.zeros((n, 1), np.float32),
+                rewards=np.arange(n, dtype=np.float32), terminals=terminals)
+    if with_timeouts:
+        data["timeouts"] = timeouts
+    out = vgf.qlearning_transitions(data, max_episode_steps=30)
+    kept = d4rl_qlearning_rows(terminals, timeouts if with_timeouts else None, 30)
+    assert out["rewards"].tolist() == kept and out["next_observations"][:, 0].tolist() == [i + 1 for i in kept]
+    assert out["terminals"].tolist() == terminals[kept].tolist()
