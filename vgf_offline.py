@@ -429,8 +429,9 @@ def load_dataset(args: Args):
                 download(f"{ogbench.utils.DATASET_URL}/{name}.npz", path, "--dataset-dir")
         path = os.path.join(folder, spec["dataset_name"] + ".npz")
         try:
-            with np.load(path) as raw:  # qpos (and button_states) give the relabelled rewards
-                check_finite({k: raw[k] for k in ("observations", "actions", "qpos", "qvel") if k in raw.files}, path)
+            with np.load(path) as raw:  # one key at a time; qpos gives the relabelled rewards
+                for key in set(raw.files) & {"observations", "actions", "qpos", "qvel"}:
+                    check_finite({key: raw[key]}, path)
             _, train, _ = ogbench.make_env_and_datasets(args.env_id, dataset_dir=folder, **ogbench_env_kwargs())
         except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
             raise VGFError(f"could not read the OGBench dataset {spec['dataset_name']} in {folder}: {e!r}. The npz "
