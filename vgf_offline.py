@@ -222,7 +222,8 @@ def task_defaults(args: Args) -> Dict:
         else:
             d.update(train_transport_steps=5, transport_step_size=0.1, alpha=1.0)
     elif args.online_steps > 0 and suite.startswith("ogbench"):  # run_a_vgf_off2on_ogbench.sh
-        steps, eps = AMORTISED_ONLINE_OGBENCH.get(name.split("-")[0], (5, 0.1))
+        steps, eps = AMORTISED_ONLINE_OGBENCH.get(name.split("-")[0], (d["train_transport_steps"],
+                                                                        d["transport_step_size"]))
         d.update(train_transport_steps=steps, transport_step_size=eps, total_steps=1_000_000)
         if name.startswith("antmaze-giant"):
             d["discount"] = 0.995
