@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Literal, Optional
 
@@ -101,11 +102,14 @@ class Args:
     eval_transport_steps: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
     """L_test values evaluated at every evaluation (0 = best-of-N from the reference policy)"""
     log_every: int = 1000
-    """write losses to tensorboard every this many steps"""
+    """write losses to tensorboard (and the progress bar) at the first step and every this many steps"""
     online_steps: int = 0
     """offline-to-online: environment steps of online fine-tuning after the offline steps (one update per step)"""
     online_warmup: int = 5000
     """online steps collected (acting with best-of-N, L = 0) before the updates resume"""
+    reward_scale_episodes: Literal["official", "true"] = "official"
+    """returns behind the D4RL locomotion / Adroit reward scale 1000 / (max - min return): 'official' of windows cut at
+    terminals or every 1000 rows of the timeout-stripped transitions (official code), 'true' of the true episodes"""
 
     # Speed options: each keeps results equal up to floating-point rounding (tests/test_offline_speed.py)
     compile: bool = True
@@ -119,9 +123,12 @@ class Args:
     than MKL on an AMD EPYC; losses agree with plain float32 to ~1e-7 relative)"""
     fused_adam: bool = True
     """fused Adam kernels for the critic and behaviour-flow optimisers"""
+    threads: Optional[int] = None
+    """CPU threads of PyTorch (default: one per core; 1 is fastest when other programs keep the cores busy)"""
 
 
-# Per-suite defaults from the released run scripts; an explicit command-line value always wins.
+# Per-suite defaults from the released run scripts (run_scripts/*.sh of the official code); task_defaults adds their
+# per-task and offline-to-online values. An explicit command-line value always wins. README: "Defaults".
 SUITE_DEFAULTS = {
     #                   gamma  L_train  eps   alpha  q_agg   steps      eval_every  episodes
     "d4rl-locomotion": (0.99, 5, 0.1, 0.1, "min", 1_000_000, 50_000, 50),
@@ -132,6 +139,9 @@ SUITE_DEFAULTS = {
 }
 SUITE_FIELDS = ("discount", "train_transport_steps", "transport_step_size", "alpha", "target_q_agg", "total_steps",
                 "eval_every", "eval_episodes")
+AMORTISED_ONLINE_OGBENCH = {  # run_a_vgf_off2on_ogbench.sh: environment -> (L_train, eps)
+    "antmaze": (5, 0.1), "humanoidmaze": (1, 0.05), "antsoccer": (2, 0.05), "cube": (1, 0.05), "scene": (1, 0.1),
+    "puzzle": (5, 0.1)}
 
 
 class VGFError(Exception):
@@ -197,42 +207,111 @@ def parse_env_id(env_id: str) -> Dict:
     raise VGFError(f"unknown --env-id '{env_id}'. Supported ids:\n  " + supported_env_ids())
 
 
+def task_defaults(args: Args) -> Dict:
+    """Default values for args.env_id: the suite's row, then the run scripts' per-task and offline-to-online values."""
+    suite, name = parse_env_id(args.env_id)["suite"], args.env_id
+    d = dict(zip(SUITE_FIELDS, SUITE_DEFAULTS[suite]), num_particles=5 if args.amortised else 10)
+    if suite == "ogbench-navigation" and name.startswith("antmaze"):  # run_vgf_off_ogbench.sh
+        d["target_q_agg"] = "min"
+        if name.startswith("antmaze-large"):
+            d["total_steps"] = 2_000_000
+        if name.startswith("antmaze-giant"):
+            d.update(total_steps=3_000_000, discount=0.99)
+    if args.online_steps > 0 and not args.amortised:  # run_vgf_off2on_{d4rl,ogbench}.sh
+        if suite.startswith("d4rl"):
+            d["total_steps"] = 500_000
+        else:
+            d.update(train_transport_steps=5, transport_step_size=0.1, alpha=1.0)
+    elif args.online_steps > 0 and suite.startswith("ogbench"):  # run_a_vgf_off2on_ogbench.sh
+        steps, eps = AMORTISED_ONLINE_OGBENCH.get(name.split("-")[0], (d["train_transport_steps"],
+                                                                        d["transport_step_size"]))
+        d.update(train_transport_steps=steps, transport_step_size=eps, total_steps=1_000_000)
+        if name.startswith("antmaze-giant"):
+            d["discount"] = 0.995
+    return d
+
+
 def resolve_suite_defaults(args: Args) -> Args:
-    """Fill the None fields of args from the per-suite table; OGBench antmaze uses min and trains longer."""
-    suite = parse_env_id(args.env_id)["suite"]
-    if suite == "ogbench-navigation" and args.env_id.startswith("antmaze"):
-        if args.target_q_agg is None:
-            args.target_q_agg = "min"
-        if args.total_steps is None:
-            args.total_steps = 3_000_000 if "giant" in args.env_id else 2_000_000 if "large" in args.env_id else None
-    for name, value in zip(SUITE_FIELDS, SUITE_DEFAULTS[suite]):
+    """Fill the None fields of args from task_defaults."""
+    for name, value in task_defaults(args).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.num_particles is None:
-        args.num_particles = 5 if args.amortised else 10
     return args
 
 
-def download(url: str, path: str):
-    """Download url to path with a progress bar; a partial file never remains under the final name."""
+def validate(args: Args):
+    """Reject out-of-range options before anything is built or written (exit 2 with every problem named)."""
+    rules = [  # (field, valid, range); comparisons are written so that NaN fails them
+        ("total_steps", args.total_steps >= 1, ">= 1"),
+        ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("learning_rate", 0 < args.learning_rate < math.inf, "> 0"),
+        ("hidden_dims", len(args.hidden_dims) >= 1 and min(args.hidden_dims) >= 1, "one or more sizes >= 1"),
+        ("discount", 0 <= args.discount <= 1, "in [0, 1]"),
+        ("tau", 0 < args.tau <= 1, "in (0, 1]"),
+        ("num_particles", args.num_particles >= 1, ">= 1"),
+        ("bc_flow_steps", args.bc_flow_steps >= 1, ">= 1"),
+        ("train_transport_steps", args.train_transport_steps >= 0, ">= 0"),
+        ("transport_step_size", 0 < args.transport_step_size < math.inf, "> 0"),
+        ("alpha", 0 < args.alpha < math.inf, "> 0"),
+        ("eval_every", args.eval_every >= 0, ">= 0 (0: evaluate only at the end)"),
+        ("eval_episodes", args.eval_episodes >= 1, ">= 1"),
+        ("eval_transport_steps", len(args.eval_transport_steps) >= 1 and min(args.eval_transport_steps) >= 0,
+         "one or more values >= 0"),
+        ("log_every", args.log_every >= 1, ">= 1"),
+        ("online_steps", args.online_steps >= 0, ">= 0"),
+        ("online_warmup", args.online_warmup >= 0, ">= 0"),
+        ("threads", args.threads is None or args.threads >= 1, ">= 1"),
+    ]
+    bad = []
+    for name, valid, valid_range in rules:
+        if not valid:
+            value = getattr(args, name)
+            shown = (" ".join(map(str, value)) or "(empty)") if isinstance(value, list) else value
+            bad.append(f"--{name.replace('_', '-')} {shown} is out of range: must be {valid_range}")
+    if bad:
+        raise VGFError("\n  ".join(bad))
+
+
+def download(url: str, path: str, where_hint: str):
+    """Download url to path with a progress bar. A partial file never remains under the final name, and a folder is
+    created only once the server answers (and removed again if the download still fails)."""
     from tqdm import tqdm
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".part"
+    tmp, created = path + ".part", []
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except (OSError, ValueError) as e:  # URLError, timeouts and HTTP errors are OSErrors
+    except BaseException as e:  # URLError, timeouts and HTTP errors are OSErrors; Ctrl-C cleans up too
         if os.path.exists(tmp):
             os.remove(tmp)
+        for folder in created:  # innermost first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         raise VGFError(f"dataset file {path} is missing and downloading it from {url} failed ({e}).\n"
                        f"Download it on a machine with network access and copy it to {path} "
-                       f"(or point --dataset-dir / $D4RL_DATASET_DIR at the folder that holds it).") from None
+                       f"(or point {where_hint} at the folder that holds it).") from None
     os.replace(tmp, path)
+
+
+def check_finite(arrays: Dict[str, np.ndarray], path: str):
+    """A NaN or inf in the data would only surface much later as a non-finite loss: name the key and the first row."""
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating):
+            bad = ~np.isfinite(value.reshape(len(value), -1)).all(1)
+            if bad.any():
+                raise VGFError(f"{path}: key '{key}' holds NaN or inf at row {np.flatnonzero(bad)[0]} ({bad.sum()} "
+                               f"row(s) in all); repair the file or delete it to download it again")
 
 
 def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
@@ -254,6 +333,7 @@ def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
                 (k in ("observations", "actions") and v.ndim != 2):
             raise VGFError(f"{path}: key '{k}' has shape {v.shape}; expected {n} rows like 'observations' "
                            f"{data['observations'].shape}, 1-D for rewards/terminals/timeouts and 2-D otherwise")
+    check_finite(data, path)
     return data
 
 
@@ -263,12 +343,12 @@ def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 
     n = len(data["observations"])
     if "timeouts" in data:
         timeouts = data["timeouts"].astype(bool)
-    else:  # old files: episodes are cut every max_episode_steps
+    else:  # old files: episodes are cut every max_episode_steps, counted as d4rl does (1 after a terminal row)
         timeouts = np.zeros(n, bool)
         step = 0
         for i in range(n):
             timeouts[i] = step == max_episode_steps - 1
-            step = 0 if (data["terminals"][i] or timeouts[i]) else step + 1
+            step = 0 if timeouts[i] else 1 if data["terminals"][i] else step + 1
     keep = np.flatnonzero(~timeouts[:-1])
     return dict(observations=data["observations"][keep].astype(np.float32),
                 actions=data["actions"][keep].astype(np.float32),
@@ -277,13 +357,32 @@ def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 
                 terminals=data["terminals"][keep].astype(np.float32))
 
 
+def official_window_ends(terminals: np.ndarray, window: int = 1000) -> np.ndarray:
+    """Ends of the official code's 'episodes' for the reward scale: a row of the timeout-stripped transitions ends one
+    if it is a terminal or the window-th row since the last end (so time-limited episodes run together)."""
+    terminals = terminals.astype(bool)
+    rows = np.arange(len(terminals))
+    start = np.maximum.accumulate(np.where(np.r_[True, terminals[:-1]], rows, 0))  # first row after the last terminal
+    return terminals | ((rows - start + 1) % window == 0)
+
+
 def episode_return_range(rewards: np.ndarray, episode_ends: np.ndarray):
-    """Min and max return over the complete episodes of the raw dataset (ends = terminals or timeouts)."""
+    """Min and max return over the complete episodes (rows up to each end); a trailing incomplete one is ignored."""
     ends = np.flatnonzero(episode_ends)
     if len(ends) == 0:
-        raise VGFError("the dataset holds no complete episode (no terminals or timeouts); cannot scale rewards")
+        raise VGFError("the dataset holds no complete episode; cannot scale rewards")
     returns = np.add.reduceat(rewards[: ends[-1] + 1].astype(np.float64), np.r_[0, ends[:-1] + 1])
-    return float(returns.min()), float(returns.max())
+    return float(returns.min()), float(returns.max()), len(returns)
+
+
+def ogbench_env_kwargs() -> Dict:
+    """ogbench >= 1.2 computes singletask success, reward and termination before the step; the official code pins
+    1.1.0, which computes them after it: ask for that. The datasets' relabelled rewards and masks (from the state s of
+    each (s, a, s') transition) are the same in both versions."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("ogbench").split(".")[:2])
+    return {"success_timing": "post"} if (major, minor) >= (1, 2) else {}
 
 
 def load_dataset(args: Args):
@@ -296,15 +395,29 @@ def load_dataset(args: Args):
         path = os.path.join(folder, spec["file_name"])
         if not os.path.exists(path):
             print(f"downloading {spec['url']} -> {path}")
-            download(spec["url"], path)
+            download(spec["url"], path, "--dataset-dir / $D4RL_DATASET_DIR")
         raw = read_d4rl_hdf5(path)
         data = qlearning_transitions(raw)
         if spec["suite"] == "d4rl-antmaze":  # sparse 0/1 reward shifted to -1/0, as the official code
             reward_shift = -1.0
         else:  # rewards scaled by 1000 / (max return - min return)
-            low, high = episode_return_range(raw["rewards"], raw["terminals"] | raw.get("timeouts", False))
-            reward_scale = 1000.0 / max(high - low, 1e-6)
-            print(f"dataset returns in [{low:.1f}, {high:.1f}]; rewards scaled by {reward_scale:.4f}")
+            if args.reward_scale_episodes == "official":
+                ends = official_window_ends(data["terminals"])
+                if not ends.any():
+                    raise VGFError(f"{path}: no terminal and fewer than 1000 transitions, so the official reward scale "
+                                   "is undefined; use --reward-scale-episodes true (the dataset's episodes)")
+                low, high, count = episode_return_range(data["rewards"], ends)
+                what = "windows cut at terminals or every 1000 transitions (official; --reward-scale-episodes true: " \
+                       "true episodes)"
+            else:
+                low, high, count = episode_return_range(raw["rewards"], raw["terminals"] | raw.get("timeouts", False))
+                what = "true episodes (--reward-scale-episodes true)"
+            if not high - low > 1e-6:
+                raise VGFError(f"{path}: all {count} {what.split(' (')[0]} have the same return {low:.4g}, so the "
+                               "reward scale 1000 / (max - min return) is undefined; try the other "
+                               "--reward-scale-episodes")
+            reward_scale = 1000.0 / (high - low)
+            print(f"returns in [{low:.1f}, {high:.1f}] over {count} {what}; rewards scaled by {reward_scale:.4f}")
         data["rewards"] = (data["rewards"] * reward_scale + reward_shift).astype(np.float32)
         data["masks"] = 1.0 - data.pop("terminals")  # bootstrap unless a true terminal
     else:
@@ -315,10 +428,14 @@ def load_dataset(args: Args):
             path = os.path.join(folder, name + ".npz")
             if not os.path.exists(path):
                 print(f"downloading {ogbench.utils.DATASET_URL}/{name}.npz -> {path}")
-                download(f"{ogbench.utils.DATASET_URL}/{name}.npz", path)
+                download(f"{ogbench.utils.DATASET_URL}/{name}.npz", path, "--dataset-dir")
+        path = os.path.join(folder, spec["dataset_name"] + ".npz")
         try:
-            _, train, _ = ogbench.make_env_and_datasets(args.env_id, dataset_dir=folder)
-        except (KeyError, ValueError, OSError) as e:
+            with np.load(path) as raw:  # one key at a time; qpos gives the relabelled rewards
+                for key in set(raw.files) & {"observations", "actions", "qpos", "qvel"}:
+                    check_finite({key: raw[key]}, path)
+            _, train, _ = ogbench.make_env_and_datasets(args.env_id, dataset_dir=folder, **ogbench_env_kwargs())
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
             raise VGFError(f"could not read the OGBench dataset {spec['dataset_name']} in {folder}: {e!r}. The npz "
                            f"must hold observations, actions, terminals, qpos, qvel (+ button_states).") from None
         data = {k: train[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
@@ -396,16 +513,14 @@ class D4RLAntMaze(gym.Wrapper):
     def xy(self):
         return self.data.qpos[:2] - self.offset
 
-    def set_state(self, qpos, qvel, goal=None):
-        """Dataset state (infos/qpos, infos/qvel, D4RL frame) -> observation."""
+    def _set_sim(self, qpos, qvel):
+        """Simulator state (D4RL frame) -> observation."""
         qpos = np.array(qpos, dtype=np.float64)
         qpos[:2] += self.offset
         qpos[3:7] /= np.linalg.norm(qpos[3:7])  # as mj_forward did in D4RL (3.1.6 still does; newer may not)
         self.data.qpos[:], self.data.qvel[:] = qpos, np.asarray(qvel, np.float64)
         self.data.qacc_warmstart[:] = 0
         mujoco.mj_forward(self.model, self.data)
-        if goal is not None:
-            self.goal = np.array(goal, dtype=np.float64)
         return self._obs()
 
     def reset(self, *, seed=None, options=None):
@@ -417,7 +532,7 @@ class D4RLAntMaze(gym.Wrapper):
         if options and "goal" in options:  # D4RL set_target(goal)
             self.goal = np.array(options["goal"], dtype=np.float64)
         # D4RL AntEnv.reset_model: qpos noise U(-0.1, 0.1) on all 15 entries, qvel 0.1 N(0, 1)
-        obs = self.set_state(self.init_qpos + rng.uniform(-0.1, 0.1, 15), 0.1 * rng.standard_normal(14))
+        obs = self._set_sim(self.init_qpos + rng.uniform(-0.1, 0.1, 15), 0.1 * rng.standard_normal(14))
         self.model.site_pos[self.env.unwrapped.target_site_id, :2] = self.goal + self.offset  # rendering
         return obs, {"success": False, "goal": self.goal.copy()}
 
@@ -495,64 +610,11 @@ class D4RLAdroit(gym.Wrapper):
         r, done, achieved = self.reward()
         return obs, float(r), done, False, {"success": achieved, "goal_achieved": achieved}
 
-    def set_state(self, qpos, qvel, desired_orien=None, door_body_pos=None, board_pos=None,
-                  obj_pos=None, target_pos=None, obs=None, obs_qpos=None):
-        """Dataset state -> observation. Model-level task keys as D4RL's set_env_state. Relocate: pass `obs`, the
-        episode's first observation (and `obs_qpos`, its infos/qpos, if it is not this row) to rebuild the object
-        and target placement; the stored infos/obj_pos is the object's world position, not its body_pos.
-        Only first rows restore their observation exactly: after a step, MuJoCo's body/site positions (used in
-        Adroit observations) are those of the last substep's start, one substep stale."""
-        m, u = self.model, self.env.unwrapped
-        for value, array, idx in ((desired_orien, m.body_quat, self.body("target")),
-                                  (door_body_pos, m.body_pos, self.body("frame")),
-                                  (board_pos, m.body_pos, self.body("nail_board")),
-                                  (obj_pos, m.body_pos, self.body("Object")),
-                                  (target_pos, m.site_pos, self.site("target"))):
-            if value is not None:
-                array[idx] = value
-        if obs is not None and self.task == "relocate":  # obs[30:36] = palm - obj, palm - target (world)
-            u.set_state(np.asarray(qpos if obs_qpos is None else obs_qpos, np.float64), np.zeros(m.nv))
-            palm, obs = self.data.site_xpos[self.site("S_grasp")].copy(), np.asarray(obs, np.float64)
-            m.body_pos[self.body("Object")] += palm - obs[30:33] - self.data.xpos[self.body("Object")]
-            m.site_pos[self.site("target")] += palm - obs[33:36] - self.data.site_xpos[self.site("target")]
-        self.data.qacc_warmstart[:] = 0
-        u.set_state(np.asarray(qpos, np.float64), np.asarray(qvel, np.float64))  # includes mj_forward
-        return u._get_obs()
-
-    def get_state(self):
-        """D4RL's get_env_state keys for the current state (what the datasets store under infos/)."""
-        m, d = self.model, self.data
-        s = {"qpos": d.qpos.copy(), "qvel": d.qvel.copy()}
-        if self.task == "pen":
-            s["desired_orien"] = m.body_quat[self.body("target")].copy()
-        elif self.task == "door":
-            s["door_body_pos"] = m.body_pos[self.body("frame")].copy()
-        elif self.task == "hammer":
-            s["board_pos"] = m.body_pos[self.body("nail_board")].copy()
-        else:  # relocate: as D4RL, obj_pos is the object's world position, not its model body_pos
-            s["obj_pos"], s["target_pos"] = d.xpos[self.body("Object")].copy(), d.site_xpos[self.site("target")].copy()
-        return s
-
 
 def make_adroit_env(env_id):
     """{pen,door,hammer,relocate}-{human,cloned,expert}-v1 -> D4RL-equivalent gymnasium env."""
     task = env_id.split("-")[0]
     return gym.wrappers.TimeLimit(D4RLAdroit(task), max_episode_steps=ADROIT_HORIZON[task])
-
-
-def d4rl_core(env):
-    """The D4RLAntMaze / D4RLAdroit layer under TimeLimit (simulator: .model, .data)."""
-    while not isinstance(env, (D4RLAntMaze, D4RLAdroit)):
-        env = env.env
-    return env
-
-
-def set_env_state(env, qpos, qvel, **task_keys):
-    """Set `env` (as made above) to a dataset state and return the observation.
-    AntMaze: infos/qpos, infos/qvel in D4RL's frame (optional goal=infos/goal). Adroit: infos/qpos, infos/qvel
-    plus desired_orien (pen), door_body_pos (door), board_pos (hammer), obs=first observation of the episode
-    and obs_qpos=its infos/qpos (relocate)."""
-    return d4rl_core(env).set_state(qpos, qvel, **task_keys)
 
 
 def make_eval_env(env_id: str) -> gym.Env:
@@ -565,7 +627,7 @@ def make_eval_env(env_id: str) -> gym.Env:
         return make_adroit_env(env_id)
     import ogbench
 
-    return ogbench.make_env_and_datasets(env_id, env_only=True)
+    return ogbench.make_env_and_datasets(env_id, env_only=True, **ogbench_env_kwargs())
 
 
 def episode_score(env_id: str, episode_return: float, success: float) -> float:
@@ -1002,8 +1064,39 @@ def set_matmul_precision(args: Args):
     torch.backends.mkldnn.matmul.fp32_precision = "bf16" if fast_cpu else "none"
 
 
+def cpu_threads_warning(load: float, cores: int, threads: int) -> Optional[str]:
+    """PyTorch starts one thread per core; when other programs keep the cores busy, its threads wait on each other
+    and a step can be tens of times slower."""
+    if threads > 1 and load + threads > cores + 0.5:
+        return (f"warning: the CPU is busy (load {load:.1f} on {cores} cores) and PyTorch uses {threads} threads, "
+                "which can make each step many times slower; run with OMP_NUM_THREADS=1 or --threads 1")
+    return None
+
+
+def online_step(agent: Agent, online: Dict, buffer: Dict[str, torch.Tensor], args: Args, step: int, reward_transform,
+                writer, device):
+    """Offline-to-online: one step of online["env"] acting with best-of-N (L = 0); the transition is appended to the
+    buffer after the offline data (online["size"] counts the filled rows) and finished episodes are logged."""
+    env = online["env"]
+    if online["obs"] is None:
+        online["obs"], online["return"] = env.reset(seed=args.seed + step)[0], 0.0
+    obs = torch.as_tensor(online["obs"], dtype=torch.float32, device=device)[None]
+    action = act(agent.flow, agent.critic, obs, args, 0, score_net=agent.score_net)[0].cpu().numpy()
+    next_obs, reward, terminated, truncated, info = env.step(action)
+    transition = dict(observations=online["obs"], actions=action, rewards=reward_transform(reward),
+                      next_observations=next_obs, masks=1.0 - float(terminated))
+    for k, v in transition.items():
+        buffer[k][online["size"]] = torch.as_tensor(v, dtype=torch.float32)
+    online["size"], online["return"], online["obs"] = online["size"] + 1, online["return"] + reward, next_obs
+    if terminated or truncated:
+        success, online_steps = float(info.get("success", 0.0)), step - args.total_steps
+        writer.add_scalar("online/episode_return", online["return"], online_steps)
+        writer.add_scalar("online/episode_score", episode_score(args.env_id, online["return"], success), online_steps)
+        writer.add_scalar("online/success", success, online_steps)
+        online["obs"] = None
+
+
 def main(args: Args):
-    # TRY NOT TO MODIFY: seeding and device
     if args.eval_only or args.resume:
         path = args.checkpoint if args.eval_only else args.resume
         if args.eval_only and not path:
@@ -1013,16 +1106,27 @@ def main(args: Args):
         args = merge_checkpoint_args(args, state["args"], path)
         if args.eval_only and not explicit_run_name:  # never append to the training run's eval.jsonl
             args.run_name = f"{state['args']['run_name']}__eval_step{state['step']}"
+    unset = [name for name in task_defaults(args) if getattr(args, name) is None]
     args = resolve_suite_defaults(args)
+    validate(args)  # before anything is built or written
+    if unset:  # where they come from: README, "Defaults"
+        print(f"{args.env_id} ({parse_env_id(args.env_id)['suite']}) defaults: "
+              + ", ".join(f"{name} {getattr(args, name)}" for name in unset))
+
+    # TRY NOT TO MODIFY: seeding, device and threads
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     set_matmul_precision(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and (warning := cpu_threads_warning(os.getloadavg()[0], os.cpu_count() or 1,
+                                                                   torch.get_num_threads())):
+        print(warning)
     args.run_name = run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
 
     eval_envs = [make_eval_env(args.env_id) for _ in range(args.eval_episodes)]
     obs_dim, act_dim = eval_envs[0].observation_space.shape[0], eval_envs[0].action_space.shape[0]
@@ -1037,13 +1141,39 @@ def main(args: Args):
 
     if args.eval_only:
         print(f"evaluating {args.checkpoint} (step {start_step}) on {args.env_id}")
+        os.makedirs(run_dir, exist_ok=True)
         evaluate_all(agent, eval_envs, args, start_step, device, run_dir=run_dir)
         write_plots(run_dir)
         return run_dir
 
+    data, reward_scale, reward_shift = load_dataset(args)
+    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
+        raise VGFError(f"dataset dimensions obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} do "
+                       f"not match the environment's obs {obs_dim}, act {act_dim}")
+    offline_size = len(data["observations"])
+    # the whole dataset lives on the device, with room for the online transitions of offline-to-online fine-tuning
+    buffer = {k: torch.zeros((offline_size + args.online_steps, *v.shape[1:]), dtype=torch.float32, device=device)
+              for k, v in data.items()}
+    for k, v in data.items():
+        buffer[k][:offline_size] = torch.as_tensor(v, device=device)
+    del data
+    print(f"{args.env_id}: {offline_size} transitions, obs {obs_dim}, act {act_dim}, device {device}")
+    online = dict(size=offline_size, obs=None, env=make_eval_env(args.env_id) if args.online_steps else None)
+    if args.resume:  # RNG states last, so that sampling continues exactly where the checkpoint left off
+        for k, v in state.get("online_transitions", {}).items():
+            buffer[k][offline_size: offline_size + len(v)] = v.to(device)
+        online["size"] += len(state.get("online_transitions", {}).get("rewards", []))
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # TRY NOT TO MODIFY: logging (tensorboard always, wandb with --track), created once the inputs are known good
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    os.makedirs(run_dir, exist_ok=True)
     if args.track:
         import wandb
 
@@ -1052,84 +1182,63 @@ def main(args: Args):
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-
-    data, reward_scale, reward_shift = load_dataset(args)
-    if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
-        raise VGFError(f"dataset dimensions obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} do "
-                       f"not match the environment's obs {obs_dim}, act {act_dim}")
-    size = offline_size = len(data["observations"])
-    # the whole dataset lives on the device, with room for the online transitions of offline-to-online fine-tuning
-    buffer = {k: torch.zeros((size + args.online_steps, *v.shape[1:]), dtype=torch.float32, device=device)
-              for k, v in data.items()}
-    for k, v in data.items():
-        buffer[k][:size] = torch.as_tensor(v, device=device)
-    del data
-    print(f"{args.env_id}: {size} transitions, obs {obs_dim}, act {act_dim}, device {device}")
-
-    if args.resume:  # RNG states last, so that sampling continues exactly where the checkpoint left off
-        for k, v in state.get("online_transitions", {}).items():
-            buffer[k][size: size + len(v)] = v.to(device)
-        size += len(state.get("online_transitions", {}).get("rewards", []))
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    online_transitions = lambda: {k: v[offline_size:size].cpu() for k, v in buffer.items()}
+    online_transitions = lambda: {k: v[offline_size: online["size"]].cpu() for k, v in buffer.items()}
+    reward_transform = lambda r: r * reward_scale + reward_shift
 
     # ALGO LOGIC: training loop (offline steps, then optional online fine-tuning with one env step per iteration)
     last = args.total_steps + args.online_steps
     first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without host sync
-    progress = tqdm(range(start_step + 1, last + 1), initial=start_step, total=last, dynamic_ncols=True, smoothing=0.05)
-    last_time, last_step, metrics = time.time(), start_step, None
-    env, env_obs, episode_return = None, None, 0.0
-    for step in progress:
-        online_step = step - args.total_steps
-        if online_step > 0:  # offline-to-online: act with best-of-N (L = 0), append to the offline buffer
-            if env_obs is None:
-                env = env or make_eval_env(args.env_id)
-                env_obs, episode_return = env.reset(seed=args.seed + step)[0], 0.0
-            action = act(agent.flow, agent.critic, torch.as_tensor(env_obs, dtype=torch.float32, device=device)[None],
-                         args, 0, score_net=agent.score_net)[0].cpu().numpy()
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            transition = dict(observations=env_obs, actions=action, rewards=reward * reward_scale + reward_shift,
-                              next_observations=next_obs, masks=1.0 - float(terminated))
-            for k, v in transition.items():
-                buffer[k][size] = torch.as_tensor(v, dtype=torch.float32)
-            size, episode_return, env_obs = size + 1, episode_return + reward, next_obs
-            if terminated or truncated:
-                success = float(info.get("success", 0.0))
-                writer.add_scalar("online/episode_return", episode_return, online_step)
-                score = episode_score(args.env_id, episode_return, success)
-                writer.add_scalar("online/episode_score", score, online_step)
-                writer.add_scalar("online/success", success, online_step)
-                env_obs = None
-        if online_step <= 0 or online_step >= args.online_warmup:
-            idx = torch.randint(0, size, (args.batch_size,), device=device)
-            metrics = agent.update({k: v[idx] for k, v in buffer.items()})
-            finite = torch.isfinite(metrics["losses/critic_loss"]) & torch.isfinite(metrics["losses/bc_flow_loss"])
-            first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
+    progress = tqdm(total=last, initial=start_step, dynamic_ncols=True, smoothing=0.05)
+    last_time, last_step, metrics, step = time.time(), start_step, None, start_step
+    try:
+        if args.compile:
+            progress.write("compiling the update with torch.compile (about a minute; --no-compile skips it)")
+        for step in range(start_step + 1, last + 1):
+            if step > args.total_steps:
+                online_step(agent, online, buffer, args, step, reward_transform, writer, device)
+            if step <= args.total_steps or step - args.total_steps >= args.online_warmup:
+                idx = torch.randint(0, online["size"], (args.batch_size,), device=device)
+                batch = {k: v[idx] for k, v in buffer.items()}
+                metrics = agent.update(batch)
+                finite = torch.isfinite(metrics["losses/critic_loss"]) & torch.isfinite(metrics["losses/bc_flow_loss"])
+                first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
+            progress.update(1)
 
-        is_eval = step == last or (args.eval_every and step % args.eval_every == 0)
-        if (step % args.log_every == 0 or is_eval) and metrics is not None:
-            if first_bad_step.item() >= 0:
-                kept = f"The last good checkpoint is {checkpoint_path}. " if os.path.exists(checkpoint_path) else ""
-                raise VGFError(f"non-finite loss at step {first_bad_step.item()}; stopped. {kept}"
-                               "Try a smaller --transport-step-size or --learning-rate.")
-            values = {k: v.item() for k, v in metrics.items()}
-            sps = (step - last_step) / max(time.time() - last_time, 1e-9)
-            last_time, last_step = time.time(), step
-            for k, v in values.items():
-                writer.add_scalar(k, v, step)
-            writer.add_scalar("charts/SPS", sps, step)
-            progress.set_postfix(critic=f"{values['losses/critic_loss']:.3g}",
-                                 bc=f"{values['losses/bc_flow_loss']:.3g}", sps=f"{sps:.1f}")
-        if is_eval:
-            evaluate_all(agent, eval_envs, args, step, device, writer, run_dir)
-            if args.save_model:
-                save_checkpoint(checkpoint_path, agent, args, step, dims, online_transitions())
-                print(f"checkpoint saved to {checkpoint_path}")
+            # logging: at the first step, every log_every steps and at every evaluation
+            is_eval = step == last or (args.eval_every and step % args.eval_every == 0)
+            first = step == start_step + 1
+            if (first or step % args.log_every == 0 or is_eval) and metrics is not None:
+                if first_bad_step.item() >= 0:
+                    kept = f"The last good checkpoint is {checkpoint_path}. " if os.path.exists(checkpoint_path) else ""
+                    raise VGFError(f"non-finite loss at step {first_bad_step.item()}; stopped. {kept}"
+                                   "Try a smaller --transport-step-size or --learning-rate.")
+                values = {k: v.item() for k, v in metrics.items()}
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+                postfix = dict(critic=f"{values['losses/critic_loss']:.3g}", bc=f"{values['losses/bc_flow_loss']:.3g}")
+                if not first:
+                    sps = (step - last_step) / max(time.time() - last_time, 1e-9)
+                    writer.add_scalar("charts/SPS", sps, step)
+                    postfix["sps"], last_time, last_step = f"{sps:.1f}", time.time(), step
+                progress.set_postfix(postfix)
+            if first:  # keep the first step (torch.compile's compilation) out of steps per second and the ETA
+                progress.reset(total=last)
+                progress.initial = progress.n = progress.last_print_n = step
+                last_time, last_step = time.time(), step
+
+            # evaluation and checkpoint
+            if is_eval:
+                evaluate_all(agent, eval_envs, args, step, device, writer, run_dir)
+                if args.save_model:
+                    save_checkpoint(checkpoint_path, agent, args, step, dims, online_transitions())
+                    print(f"checkpoint saved to {checkpoint_path}")
+    except KeyboardInterrupt:
+        kept = f"; the last checkpoint is {checkpoint_path} (continue with --resume {checkpoint_path})" \
+            if os.path.exists(checkpoint_path) else "; no checkpoint was saved (--save-model keeps one)"
+        raise KeyboardInterrupt(f"interrupted at step {step}{kept}") from None
+    finally:
+        progress.close()
     writer.close()
     write_plots(run_dir)
     if args.track:
@@ -1143,3 +1252,6 @@ if __name__ == "__main__":
     except VGFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # one line, no traceback
+        print(f"\n{e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)

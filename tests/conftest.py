@@ -81,7 +81,7 @@ def write_ogbench_npz(folder: str, dataset_name: str = "cube-single-play-v0", ep
 @pytest.fixture(scope="session")
 def d4rl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("d4rl")
-    write_d4rl_hdf5(str(folder / "halfcheetah_medium-v2.hdf5"))
+    write_d4rl_hdf5(str(folder / "halfcheetah_medium-v2.hdf5"), length=600)  # 2 official 1000-row windows
     return str(folder)
 
 

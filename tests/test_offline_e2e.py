@@ -95,13 +95,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(d4rl_dir, tm
     common = ["--env-id", "halfcheetah-medium-v2", "--output-dir", str(tmp_path), *TINY, "--eval-every", "1",
               "--eval-episodes", "1", "--eval-transport-steps", "0", "--save-model"]
     run_script(*common, "--dataset-dir", d4rl_dir, "--total-steps", "3", "--run-name", "nan")
-    poisoned = tmp_path / "poisoned"
-    poisoned.mkdir()
-    shutil.copy(os.path.join(d4rl_dir, "halfcheetah_medium-v2.hdf5"), poisoned)
-    with h5py.File(poisoned / "halfcheetah_medium-v2.hdf5", "a") as f:
-        f["rewards"][:] = np.nan
     ckpt = tmp_path / "nan" / "checkpoint.pt"
-    proc = run_script("--resume", str(ckpt), "--dataset-dir", str(poisoned), "--total-steps", "6", check=False)
+    poisoned = torch.load(ckpt, weights_only=False)  # a NaN weight (the data itself is checked when it is loaded)
+    poisoned["nets"][0]["linears.0.weight"][0, 0] = float("nan")
+    torch.save(poisoned, tmp_path / "poisoned.pt")
+    proc = run_script("--resume", str(tmp_path / "poisoned.pt"), "--total-steps", "6", check=False)
     assert proc.returncode == 2 and "non-finite loss at step 4" in proc.stderr and str(ckpt) in proc.stderr
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["nets"][0].values())
@@ -119,6 +117,8 @@ def test_missing_dataset_without_network_names_path_and_url(tmp_path):
     proc = run_script("--env-id", "cube-double-play-singletask-v0", "--dataset-dir", str(empty), "--output-dir",
                       str(tmp_path), "--eval-episodes", "1", check=False, env=proxy)
     assert proc.returncode == 2 and str(empty / "cube-double-play-v0.npz") in proc.stderr
+    assert "D4RL_DATASET_DIR" not in proc.stderr
+    assert not empty.exists() and os.listdir(tmp_path) == []  # no dataset folder, no run folder left behind
 
 
 def test_unknown_env_id_exits_with_the_supported_list(tmp_path):

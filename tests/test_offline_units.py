@@ -194,7 +194,7 @@ def test_qlearning_transitions_follow_d4rl():
 def test_episode_return_range_uses_terminals_and_timeouts():
     rewards = np.array([1, 2, 3, 4, 5, 6], np.float32)
     ends = np.array([0, 1, 0, 0, 1, 0], bool)  # episodes [1,2], [3,4,5]; the trailing 6 is incomplete
-    assert vgf.episode_return_range(rewards, ends) == (3.0, 12.0)
+    assert vgf.episode_return_range(rewards, ends) == (3.0, 12.0, 2)
 
 
 def test_unknown_env_id_lists_the_supported_ones():
