@@ -14,7 +14,7 @@ import time
 import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Dict, List, Literal, Optional
 
 import gymnasium as gym
@@ -1041,6 +1041,14 @@ def merge_checkpoint_args(cli: Args, saved: Dict, path: str) -> Args:
         if name in explicit and getattr(cli, name) != saved[name]:
             raise VGFError(f"checkpoint {path} is incompatible: it was trained with --{name.replace('_', '-')} "
                            f"{saved[name]}, but {getattr(cli, name)} was given")
+    saved = dict(saved)
+    if "kernel_grad_through_bandwidth" in saved:  # checkpoints written before the option was renamed
+        saved["fixed_bandwidth"] = not saved.pop("kernel_grad_through_bandwidth")
+    known = {f.name for f in fields(Args)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        print(f"warning: checkpoint {path} has options this version does not know, ignored: {unknown}")
+    saved = {k: v for k, v in saved.items() if k in known}
     merged = Args(**saved)
     for name in explicit & set(saved):
         setattr(merged, name, getattr(cli, name))

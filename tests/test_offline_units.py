@@ -1,5 +1,6 @@
 """Unit tests of vgf_offline.py's pieces: SVGD transport, reference flow, TD targets, data processing, determinism."""
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -233,3 +234,14 @@ def test_vgf_learns_a_bandit_and_more_transport_buys_reward():
                    - best(test_obs)).pow(2).sum(-1).mean().item() for L in (0, 1, 3)}
     assert rewards.mean() < -0.9 and reward[0] > -0.25  # best-of-N from mu already far above the data
     assert reward[1] > reward[0] + 0.01 and reward[3] > reward[1] + 0.01  # test-time scaling
+
+
+def test_checkpoint_args_from_an_older_version_load():
+    """A checkpoint written before --kernel-grad-through-bandwidth became --fixed-bandwidth keeps its meaning; options
+    this version does not know are ignored, not a traceback."""
+    saved = asdict(vgf.Args(env_id="hopper-medium-v2"))
+    saved.pop("fixed_bandwidth")
+    for through, fixed in ((True, False), (False, True)):
+        old = {**saved, "kernel_grad_through_bandwidth": through, "an_option_from_the_future": 1}
+        merged = vgf.merge_checkpoint_args(vgf.Args(), old, "old.pt")
+        assert merged.fixed_bandwidth is fixed and merged.env_id == "hopper-medium-v2"
