@@ -108,16 +108,17 @@ class Args:
 
     # Speed options: each keeps results equal up to floating-point rounding (tests/test_offline_speed.py)
     compile: bool = True
-    """torch.compile the TD target and the losses (about a minute of compilation; falls back to eager if it fails)"""
+    """torch.compile the whole update (TD target, losses, gradients, Adam, Polyak) as one graph (about a minute of
+    compilation; falls back to the eager update if it fails)"""
     cudagraphs: bool = False
-    """with --compile on CUDA, also capture CUDA graphs (torch.compile mode 'reduce-overhead')"""
+    """on CUDA, capture the whole update (compiled or not) once as a CUDA graph and replay it: one launch per update"""
     tf32: bool = True
     """allow TF32 matrix multiplies on CUDA (JAX's default precision on GPUs)"""
     cpu_onednn_matmul: bool = True
     """on CPUs with AVX512-BF16, run float32 matrix multiplies through oneDNN's bf16-split float32 mode (2x faster
     than MKL on an AMD EPYC; losses agree with plain float32 to ~1e-7 relative)"""
     fused_adam: bool = True
-    """fused Adam kernels for the critic and behaviour-flow optimisers"""
+    """fused Adam kernels in the eager update (--no-compile); with --compile Adam is part of the compiled graph"""
 
 
 # Per-suite defaults from the released run scripts; an explicit command-line value always wins.

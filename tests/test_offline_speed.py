@@ -57,10 +57,10 @@ SMALL = dict(hidden_dims=[32, 32], num_particles=5, bc_flow_steps=4, batch_size=
 def whole_vs_eager(mode, amortised, steps=5, device="cpu"):
     """Losses (every update) and all parameters (with the target critic's) after `steps` updates of the small
     config (obs 6, act 3): mode "eager" (Agent.update without options), "whole" (whole_update, not compiled),
-    "compile" (--compile) or "cudagraphs" (--cudagraphs --no-compile)."""
+    "compile" (--compile), "cudagraphs" (--cudagraphs --no-compile) or "compile+cudagraphs"."""
     torch.manual_seed(0)
-    args = vgf.resolve_suite_defaults(vgf.Args(amortised=amortised, compile=mode == "compile",
-                                               cudagraphs=mode == "cudagraphs", tf32=False, **SMALL))
+    args = vgf.resolve_suite_defaults(vgf.Args(amortised=amortised, compile=mode.startswith("compile"),
+                                               cudagraphs=mode.endswith("cudagraphs"), tf32=False, **SMALL))
     agent = vgf.Agent(6, 3, args).to(device)
     update = agent.update
     if mode == "whole":
@@ -123,10 +123,16 @@ def test_compiled_whole_update_matches_the_eager_update(amortised):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("amortised", [False, True])
-def test_captured_cuda_graph_matches_the_eager_update(amortised):
+@pytest.mark.parametrize("amortised,compiled", [(False, False), (True, False), (False, True)])
+def test_captured_cuda_graph_matches_the_eager_update(amortised, compiled):
     eager = whole_vs_eager("eager", amortised, device="cuda")
-    captured = whole_vs_eager("cudagraphs", amortised, device="cuda")  # CUDA graphs replay eager's random numbers
+    torch._dynamo.reset()
+    torch._inductor.config.fallback_random = compiled  # inductor draws random numbers as eager does
+    try:  # a replayed CUDA graph draws the random numbers eager draws from the same generator state
+        captured = whole_vs_eager("compile+cudagraphs" if compiled else "cudagraphs", amortised, device="cuda")
+    finally:
+        torch._inductor.config.fallback_random = False
+        torch._dynamo.reset()
     assert captured[2].graph is not None, "the update was not captured"
     assert_same_run(eager, captured, whole_vs_eager("eager", amortised, steps=0, device="cuda"))
 
