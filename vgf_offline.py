@@ -829,7 +829,7 @@ class Agent(nn.Module):
             return self.replay_graph(batch) if graphs else self.whole_update(self, batch, self.adam_states())
         except Exception as e:  # compilation fails without a C++ compiler, for example: nothing was updated yet
             print(f"warning: {'--cudagraphs' if graphs else '--compile'} failed ({type(e).__name__}: "
-                  f"{str(e)[:200]}); continuing with the eager update")
+                  f"{' '.join(str(e).split())[:200]}); continuing with the eager update")
             self.whole_update, self.graph = None, None
             return eager_update(self, batch)
 
@@ -845,7 +845,7 @@ class Agent(nn.Module):
                     if not state:
                         state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
                         state["step"] = torch.zeros((), dtype=torch.float32)
-                    on_device = cuda or group["fused"]
+                    on_device = cuda or group.get("fused")
                     state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
         self._prepared, self.graph = True, None
 
