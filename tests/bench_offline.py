@@ -43,7 +43,8 @@ DEVICE_ONLY = {"tf32": "cuda", "cudagraphs": "cuda", "onednn": "cpu"}
 
 def compiled_parts_update(vgf, agent):
     """The update as --compile did before the whole update was one function (for comparison only): torch.compile of
-    the TD target and of the losses (forward and backward), eager backward call, Polyak update and Adam steps."""
+    the TD target and of the losses (forward and backward), eager backward call, Polyak update and Adam steps (VGF,
+    not --amortised)."""
     td_target, losses_fn = vgf.torch.compile(vgf.td_target), vgf.torch.compile(agent.forward)
 
     def update(batch):

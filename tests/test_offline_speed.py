@@ -107,6 +107,8 @@ def test_whole_update_function_matches_the_eager_update(amortised):
     for saved, new in zip(whole[2].opts, fresh.opts):
         new.load_state_dict(saved.state_dict())
     assert all(torch.equal(s["step"], torch.tensor(5.0)) for opt in fresh.opts for s in opt.state.values())
+    whole[2].opts[0].load_state_dict(whole[2].opts[0].state_dict())  # new state tensors: prepared (re-captured) again
+    assert not whole[2]._prepared
 
 
 @pytest.mark.parametrize("amortised", [False, True])
