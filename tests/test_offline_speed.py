@@ -81,12 +81,12 @@ def whole_vs_eager(mode, amortised, steps=5, device="cpu"):
 
 def assert_same_run(reference, other, initial):
     """float32, 5 updates: the paths differ only in the order of rounding (inductor's fused kernels, Adam's algebra
-    written out), measured at ~4e-7 relative on the losses and ~1e-5 relative on each network's change of weights.
-    Tolerances of 1e-5 (losses) and 1e-3 (weight changes) leave margin, and still fail for a wrong update: a Polyak
-    step taken after Adam, a skipped clip or a different random draw changes the target critic's or a network's
-    change by more than 1e-2 relative."""
+    written out), measured at <= 7e-7 relative on the losses (4e-7 absolute on a TD-target mean near zero) and
+    <= 2e-4 relative on each network's change of weights. Tolerances of 1e-5 relative + 1e-6 absolute (losses) and
+    1e-3 (weight changes) leave margin, and still fail for a wrong update: a Polyak step taken after Adam, a skipped
+    clip or a different random draw changes the losses by more than 1e-3 relative."""
     (ref_losses, ref_params, ref_agent), (losses, params, agent) = reference, other
-    assert torch.allclose(ref_losses, losses, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(ref_losses, losses, rtol=1e-5, atol=1e-6)
     for name, start in initial[2].named_children():
         ref_change = flat(getattr(ref_agent, name)) - flat(start)
         change = flat(getattr(agent, name)) - flat(start)
