@@ -113,16 +113,17 @@ class Args:
 
     # Speed options: each keeps results equal up to floating-point rounding (tests/test_offline_speed.py)
     compile: bool = True
-    """torch.compile the TD target and the losses (about a minute of compilation; falls back to eager if it fails)"""
+    """torch.compile the whole update (TD target, losses, gradients, Adam, Polyak) as one graph (about a minute of
+    compilation; falls back to the eager update if it fails)"""
     cudagraphs: bool = False
-    """with --compile on CUDA, also capture CUDA graphs (torch.compile mode 'reduce-overhead')"""
+    """on CUDA, capture the whole update (compiled or not) once as a CUDA graph and replay it: one launch per update"""
     tf32: bool = True
     """allow TF32 matrix multiplies on CUDA (JAX's default precision on GPUs)"""
     cpu_onednn_matmul: bool = True
     """on CPUs with AVX512-BF16, run float32 matrix multiplies through oneDNN's bf16-split float32 mode (2x faster
     than MKL on an AMD EPYC; losses agree with plain float32 to ~1e-7 relative)"""
     fused_adam: bool = True
-    """fused Adam kernels for the critic and behaviour-flow optimisers"""
+    """fused Adam kernels in the eager update (--no-compile); with --compile Adam is part of the compiled graph"""
     threads: Optional[int] = None
     """CPU threads of PyTorch (default: one per core; 1 is fastest when other programs keep the cores busy)"""
 
@@ -717,16 +718,20 @@ def sample_reference(flow: BehaviourFlow, obs: torch.Tensor, flow_steps: int, ge
     return x.clamp(-1.0, 1.0)
 
 
-def median_bandwidth_gamma(sq_dists: torch.Tensor) -> torch.Tensor:
-    """1 / (2h + 1e-6), h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state; [B, N, N] -> [B, 1, 1]"""
-    n = sq_dists.shape[-1]
+def median_bandwidth(sq_dists: torch.Tensor):
+    """gamma = 1 / (2h + 1e-6), h = median(d^2) / (2 log(N + 1)) over all N^2 pairs of each state, and d gamma / d d_ij
+    (nonzero only at the one or two entries that make the median); [B, N, N] -> [B, 1, 1], [B, N, N]."""
+    b, n = sq_dists.shape[0], sq_dists.shape[-1]
     # stable sort, as jnp.median: d_ij = d_ji tie, and the copy that lands at the median index (so the particle that
     # receives d median / d x in the official repulsion) must follow the flat order as it does there
-    flat = sq_dists.flatten(1).sort(dim=1, stable=True).values
-    m = flat.shape[1]
-    median = 0.5 * (flat[:, (m - 1) // 2] + flat[:, m // 2])  # mean of the two middle values, as jnp.median
-    h = (median / (2.0 * math.log(n + 1.0))).clamp_min(1e-12)
-    return (1.0 / (1e-6 + 2.0 * h)).view(-1, 1, 1)
+    flat, order = sq_dists.flatten(1).sort(dim=1, stable=True)
+    middle = [(n * n - 1) // 2, n * n // 2]
+    median = flat[:, middle].mean(1)  # mean of the two middle values, as jnp.median
+    h = median / (2.0 * math.log(n + 1.0))
+    gamma = 1.0 / (1e-6 + 2.0 * h.clamp_min(1e-12))
+    slope = torch.where(h > 1e-12, -gamma.pow(2) / math.log(n + 1.0), 0.0)  # d gamma / d median
+    d_gamma = torch.zeros_like(flat).scatter_add(1, order[:, middle], 0.5 * slope[:, None].expand(b, 2))
+    return gamma.view(-1, 1, 1), d_gamma.view_as(sq_dists)
 
 
 def svgd_direction(particles: torch.Tensor, score: torch.Tensor, alpha: float,
@@ -736,15 +741,14 @@ def svgd_direction(particles: torch.Tensor, score: torch.Tensor, alpha: float,
     x = particles.detach()
     diff = x.unsqueeze(2) - x.unsqueeze(1)  # [B, N, N, D], x_i - x_j
     sq_dists = diff.pow(2).sum(-1)
-    gamma = median_bandwidth_gamma(sq_dists)
+    gamma, d_gamma = median_bandwidth(sq_dists)
     kernel = torch.exp(-gamma * sq_dists)  # [B, N, N], symmetric
-    if not fixed_bandwidth:  # official code: autodiff of sum_ij k(x_i, stop(x_j)) including d h / d x
-        with torch.enable_grad():
-            xr = x.clone().requires_grad_(True)
-            d2 = (xr.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)
-            repulsion = -torch.autograd.grad(torch.exp(-median_bandwidth_gamma(d2) * d2).sum(), xr)[0]
-    else:  # sum_j grad_{x_j} k(x_j, x_i) = 2 gamma sum_j k_ij (x_i - x_j), bandwidth held fixed
-        repulsion = 2.0 * gamma * (kernel.unsqueeze(-1) * diff).sum(2)
+    # repulsion_i = -d/dx_i sum_jk k(x_j, stop(x_k)) = 2 sum_j w_ij (x_i - x_j), with w = gamma K for the SVGD equation
+    # (bandwidth held fixed); the official autodiff adds (sum_jk K_jk d_jk) d gamma / d d_ij through the median
+    weights = gamma * kernel
+    if not fixed_bandwidth:
+        weights = weights + (kernel * sq_dists).sum((1, 2), keepdim=True) * d_gamma
+    repulsion = 2.0 * (weights.unsqueeze(-1) * diff).sum(2)
     return (kernel @ score / alpha + repulsion) / x.shape[1]
 
 
@@ -793,12 +797,11 @@ def adam_flow(x, velocity: Callable, steps: int, step_size: float, max_norm: Opt
     return x
 
 
-def clip_global_norm_(params, max_norm: float):
-    """optax.clip_by_global_norm on the gradients: g * max_norm / |g| when |g| >= max_norm (torch's clip_grad_norm_
-    divides by |g| + 1e-6 and so differs)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    torch._foreach_mul_(grads, torch.where(norm < max_norm, 1.0, max_norm / norm))
+def global_norm_scale(grads: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """optax.clip_by_global_norm's factor: max_norm / |g| when the global norm |g| >= max_norm, else 1 (torch's
+    clip_grad_norm_ divides by |g| + 1e-6 and so differs)."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.where(norm < max_norm, 1.0, max_norm / norm)
 
 
 def transported_particles(flow, critic, score_net, obs, steps: int, args: Args, generator=None, acting=True,
@@ -875,7 +878,10 @@ def flow_matching_loss(flow, batch) -> torch.Tensor:
 
 
 class Agent(nn.Module):
-    """Everything that is trained: the behaviour flow, the critic ensemble and its target, and their optimisers."""
+    """Everything that is trained: the behaviour flow, the critic ensemble and its target, and their optimisers.
+
+    `update` runs the plain eager update (the reference), or with --compile / --cudagraphs the same update as one
+    function, `whole_update`, compiled into one graph and/or captured as one CUDA graph."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
@@ -889,13 +895,13 @@ class Agent(nn.Module):
         self.nets = [self.critic, self.flow] + ([self.score_net] if args.amortised else [])
         self.opts = [torch.optim.Adam(net.parameters(), lr=args.learning_rate, fused=args.fused_adam)
                      for net in self.nets]
-        self.td_target, self.losses = td_target, self._losses
-        if args.compile:  # the TD target (sampling + transport) and the losses, forward and backward
-            mode = "reduce-overhead" if args.cudagraphs else None
-            self.td_target = torch.compile(td_target, mode=mode)
-            self.losses = torch.compile(self._losses, mode=mode)
+        for opt in self.opts:  # a loaded optimiser state holds new tensors: prepare them (and re-capture) again
+            opt.register_load_state_dict_post_hook(lambda opt: setattr(self, "_prepared", False))
+        self._prepared, self.graph = False, None
+        self.whole_update = torch.compile(whole_update, fullgraph=True) if args.compile else whole_update
 
-    def _losses(self, batch: Dict[str, torch.Tensor], target: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, batch: Dict[str, torch.Tensor], target: torch.Tensor) -> List[torch.Tensor]:
+        """The training losses given the TD target: critic, flow matching (and score matching when amortised)."""
         losses = [critic_loss_fn(self.critic, target, batch), flow_matching_loss(self.flow, batch)]
         if self.args.amortised:
             losses.append(score_matching_loss(self.score_net, self.critic, batch))
@@ -903,29 +909,139 @@ class Agent(nn.Module):
 
     def update(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One gradient step on every network; returns detached metrics (no host sync)."""
+        if not self._prepared:
+            self.prepare_optimisers()
+        graphs = self.args.cudagraphs and self.critic.linears[0].weight.is_cuda  # CUDA graphs: CUDA only
+        if self.whole_update is None or not (self.args.compile or graphs):
+            return eager_update(self, batch)
         try:
-            target = self.td_target(self.critic, self.target_critic, self.flow, batch, self.args, self.score_net)
-            losses = self.losses(batch, target)
+            return self.replay_graph(batch) if graphs else self.whole_update(self, batch, self.adam_states())
         except Exception as e:  # compilation fails without a C++ compiler, for example: nothing was updated yet
-            if self.td_target is td_target:
-                raise
-            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); continuing without --compile")
-            self.td_target, self.losses = td_target, self._losses
-            return self.update(batch)
-        for opt in self.opts:
-            opt.zero_grad(set_to_none=True)
-        sum(losses).backward()  # the losses share no parameters (the score target is detached)
-        with torch.no_grad():  # Polyak update from the pre-update critic, as the official code
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), self.args.tau)
+            print(f"warning: {'--cudagraphs' if graphs else '--compile'} failed ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())[:200]}); continuing with the eager update")
+            self.whole_update, self.graph = None, None
+            return eager_update(self, batch)
+
+    def prepare_optimisers(self):
+        """Adam state created up front (as torch.optim.Adam creates it) so that one function can update it in place;
+        capturable on CUDA (the step counts stay on the device: no host sync, CUDA graphs allowed)."""
         for net, opt in zip(self.nets, self.opts):
-            if self.args.amortised:  # the amortised variant clips every optimiser's global gradient norm to 1
-                clip_global_norm_(net.parameters(), 1.0)
-            opt.step()
-        metrics = {"losses/critic_loss": losses[0].detach(), "losses/bc_flow_loss": losses[1].detach(),
-                   "charts/td_target_mean": target.mean()}
-        if self.args.amortised:
-            metrics["losses/score_loss"] = losses[2].detach()
-        return metrics
+            cuda = next(net.parameters()).is_cuda
+            for group in opt.param_groups:
+                group["capturable"] = cuda
+                for p in group["params"]:
+                    state = opt.state[p]
+                    if not state:
+                        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                    on_device = cuda or group.get("fused")
+                    state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
+        self._prepared, self.graph = True, None
+
+    def adam_states(self) -> List[List[List[torch.Tensor]]]:
+        """Per network: [exp_avgs, exp_avg_sqs, steps], in parameter order."""
+        return [[[opt.state[p][key] for p in net.parameters()] for key in ("exp_avg", "exp_avg_sq", "step")]
+                for net, opt in zip(self.nets, self.opts)]
+
+    def replay_graph(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """--cudagraphs: the whole update captured once as a CUDA graph on static batch buffers, then replayed (one
+        launch per update). Warm-up and capture leave the networks, optimisers and RNG as they found them."""
+        key = tuple((k, v.shape) for k, v in batch.items())
+        if self.graph is None or self.graph[0] != key:
+            static = {k: v.clone() for k, v in batch.items()}
+            saved = [t.clone() for t in self.mutable_tensors()]
+            rng = torch.cuda.get_rng_state()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(stream):  # warm-up (and compilation) off the default stream, as capture needs
+                    for _ in range(3):
+                        self.whole_update(self, static, self.adam_states())
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outputs = self.whole_update(self, static, self.adam_states())
+            finally:
+                with torch.no_grad():
+                    for t, s in zip(self.mutable_tensors(), saved):
+                        t.copy_(s)
+                torch.cuda.set_rng_state(rng)
+            self.graph = (key, graph, static, outputs)
+        _, graph, static, outputs = self.graph
+        for k, v in batch.items():
+            static[k].copy_(v)
+        graph.replay()
+        return {k: v.clone() for k, v in outputs.items()}  # the next replay overwrites the graph's outputs
+
+    def mutable_tensors(self) -> List[torch.Tensor]:
+        return [*self.parameters(), *(t for net in self.adam_states() for ts in net for t in ts)]
+
+
+NET_NAMES = ("critic", "flow", "score_net")  # the attributes of Agent.nets, in order
+
+
+def eager_update(agent: Agent, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The reference update: TD target, losses, backward, Polyak update, torch.optim.Adam steps, op by op."""
+    args = agent.args
+    target = td_target(agent.critic, agent.target_critic, agent.flow, batch, args, agent.score_net)
+    losses = agent(batch, target)
+    for opt in agent.opts:
+        opt.zero_grad(set_to_none=True)
+    sum(losses).backward()  # the losses share no parameters (the score target is detached)
+    with torch.no_grad():  # Polyak update from the pre-update critic, as the official code
+        torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()), args.tau)
+    for net, opt in zip(agent.nets, agent.opts):
+        if args.amortised:  # the amortised variant clips every optimiser's global gradient norm to 1
+            grads = [p.grad for p in net.parameters()]
+            torch._foreach_mul_(grads, global_norm_scale(grads, 1.0))
+        opt.step()
+    return update_metrics(losses, target)
+
+
+def whole_update(agent: Agent, batch: Dict[str, torch.Tensor], adam_states) -> Dict[str, torch.Tensor]:
+    """The eager update as one function of tensors (one graph for torch.compile, one CUDA graph): gradients by
+    torch.func.grad, Adam (the math of torch.optim.Adam, on its state) and the Polyak update in place."""
+    args = agent.args
+    target = td_target(agent.critic, agent.target_critic, agent.flow, batch, args, agent.score_net)
+    params = {name: p for name, p in agent.named_parameters() if p.requires_grad}
+
+    def total_loss(params):
+        losses = torch.func.functional_call(agent, params, (batch, target))
+        return sum(losses), losses
+
+    grads, losses = torch.func.grad(total_loss, has_aux=True)(params)
+    with torch.no_grad():
+        torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()), args.tau)
+        for prefix, net, opt, (exp_avgs, exp_avg_sqs, steps) in zip(NET_NAMES, agent.nets, agent.opts, adam_states):
+            net_grads = [grads[f"{prefix}.{name}"] for name, _ in net.named_parameters()]
+            if args.amortised:  # the amortised variant clips every optimiser's global gradient norm to 1
+                net_grads = torch._foreach_mul(net_grads, global_norm_scale(net_grads, 1.0))
+            group = opt.param_groups[0]
+            adam_step(list(net.parameters()), net_grads, exp_avgs, exp_avg_sqs, steps, group["lr"], *group["betas"],
+                      group["eps"])
+    return update_metrics(losses, target)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float, beta2: float, eps: float):
+    """torch.optim.Adam's update (no weight decay), in place, with the step counts as tensors (no host sync)."""
+    torch._foreach_add_(steps, 1.0)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step = steps[0]  # one count per network
+    bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+    denom = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), bias_correction2.sqrt())
+    torch._foreach_add_(denom, eps)
+    torch._foreach_mul_(denom, bias_correction1 / lr)
+    torch._foreach_sub_(params, torch._foreach_div(exp_avgs, denom))
+
+
+def update_metrics(losses: List[torch.Tensor], target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    metrics = {"losses/critic_loss": losses[0].detach(), "losses/bc_flow_loss": losses[1].detach(),
+               "charts/td_target_mean": target.mean()}
+    if len(losses) > 2:
+        metrics["losses/score_loss"] = losses[2].detach()
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""Gradient updates per second and peak memory of vgf_offline.py's update, for each speed option (not a test).
+"""Gradient updates per second, peak memory and achieved FLOP/s of vgf_offline.py's update, for each speed option
+(not a test).
 
-    python tests/bench_offline.py                      # paper and small settings, on CPU and on CUDA when present
+    python tests/bench_offline.py                      # paper and cube-single settings, on CPU and on CUDA if present
     python tests/bench_offline.py --quick              # CI-sized: tiny networks, a few updates
     python tests/bench_offline.py --official-repo DIR  # also time the official JAX code (a checkout of ryanxhr/vgf)
+    python tests/bench_offline.py --interleave         # all options in one process, timed in alternating rounds
 
-Every configuration runs in its own process (clean peak-memory numbers, no compile cache shared). Prints a table and
-writes JSON (--out). Achieved GFLOP/s counts the matrix multiplies of one update (see update_flops).
+By default every configuration runs in its own process (clean peak-memory numbers, no compile cache shared). With
+--interleave the options of a setting are built in one process and timed round after round (median of --rounds),
+so that on a shared machine they all see the same load; peak memory is then reported on CUDA only, as the memory
+the update itself allocates. Prints a table and writes JSON (--out). Achieved GFLOP/s counts the matrix multiplies
+of one update (see update_flops); h/1M is the hours one million updates take at that speed.
 """
 import argparse
 import json
@@ -22,15 +27,40 @@ SETTINGS = {  # name -> (obs_dim, act_dim, hidden_dims, batch, particles, flow_s
     "quick": (11, 3, [32, 32], 32, 4, 3, 2),
 }
 OPTIONS = {  # name -> Args overrides; options with a CUDA-only or CPU-only part are skipped on the other device
-    "eager": dict(fused_adam=False, tf32=False, cpu_onednn_matmul=False),
-    "eager+fused": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=False),
-    "eager+fused+onednn": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=True),
-    "compile+fused+onednn": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=True, compile=True),
-    "eager+fused+tf32": dict(fused_adam=True, tf32=True),
-    "compile+fused+tf32": dict(fused_adam=True, tf32=True, compile=True),
-    "compile+cudagraphs+fused+tf32": dict(fused_adam=True, tf32=True, compile=True, cudagraphs=True),
+    "eager": dict(fused_adam=False, tf32=False, cpu_onednn_matmul=False, compile=False),
+    "eager+fused": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=False, compile=False),
+    "eager+fused+onednn": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=True, compile=False),
+    "compile-parts+fused+onednn": dict(fused_adam=True, tf32=False, cpu_onednn_matmul=True, compile=False),
+    "compile+onednn": dict(tf32=False, cpu_onednn_matmul=True, compile=True),
+    "eager+fused+tf32": dict(fused_adam=True, tf32=True, compile=False),
+    "compile-parts+fused+tf32": dict(fused_adam=True, tf32=True, compile=False),
+    "compile+tf32": dict(tf32=True, compile=True),
+    "cudagraphs+tf32": dict(tf32=True, compile=False, cudagraphs=True),
+    "compile+cudagraphs+tf32": dict(tf32=True, compile=True, cudagraphs=True),
 }
 DEVICE_ONLY = {"tf32": "cuda", "cudagraphs": "cuda", "onednn": "cpu"}
+
+
+def compiled_parts_update(vgf, agent):
+    """The update as --compile did before the whole update was one function (for comparison only): torch.compile of
+    the TD target and of the losses (forward and backward), eager backward call, Polyak update and Adam steps (VGF,
+    not --amortised)."""
+    td_target, losses_fn = vgf.torch.compile(vgf.td_target), vgf.torch.compile(agent.forward)
+
+    def update(batch):
+        target = td_target(agent.critic, agent.target_critic, agent.flow, batch, agent.args, agent.score_net)
+        losses = losses_fn(batch, target)
+        for opt in agent.opts:
+            opt.zero_grad(set_to_none=True)
+        sum(losses).backward()
+        with vgf.torch.no_grad():
+            vgf.torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()),
+                                     agent.args.tau)
+        for opt in agent.opts:
+            opt.step()
+        return vgf.update_metrics(losses, target)
+
+    return update
 
 
 def update_flops(obs_dim, act_dim, hidden, batch, particles, flow_steps, transport_steps):
@@ -44,10 +74,9 @@ def update_flops(obs_dim, act_dim, hidden, batch, particles, flow_steps, transpo
     return 2 * total
 
 
-def run_one(setting, option, device, iters, warmup):
-    """Time `iters` updates after `warmup` ones (compilation included in warm-up) in this process."""
-    import resource
-
+def make_update(setting, option, device):
+    """A fresh agent (seed 0) for `setting` with `option`, and a function that samples a batch on the device (index
+    tensor on the device, as vgf_offline.py's loop) and runs one update."""
     import torch
 
     sys.path.insert(0, ROOT)
@@ -55,45 +84,100 @@ def run_one(setting, option, device, iters, warmup):
 
     obs_dim, act_dim, hidden, batch, n, k, L = SETTINGS[setting]
     torch.manual_seed(0)
-    overrides = OPTIONS[option]
     args = vgf.resolve_suite_defaults(vgf.Args(env_id="cube-single-play-singletask-v0", hidden_dims=hidden,
                                                batch_size=batch, num_particles=n, bc_flow_steps=k,
-                                               train_transport_steps=L, **overrides))
-    vgf.set_matmul_precision(args)
+                                               train_transport_steps=L, **OPTIONS[option]))
     dev = torch.device(device)
     agent = vgf.Agent(obs_dim, act_dim, args).to(dev)
+    update = compiled_parts_update(vgf, agent) if option.startswith("compile-parts") else agent.update
     size = 100_000
-    data = {"observations": torch.randn(size, obs_dim, device=dev), "actions": torch.rand(size, act_dim, device=dev) * 2 - 1,
-            "rewards": torch.randn(size, device=dev), "next_observations": torch.randn(size, obs_dim, device=dev),
-            "masks": torch.ones(size, device=dev)}
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    data = {"observations": torch.randn(size, obs_dim, device=dev),
+            "actions": torch.rand(size, act_dim, device=dev) * 2 - 1, "rewards": torch.randn(size, device=dev),
+            "next_observations": torch.randn(size, obs_dim, device=dev), "masks": torch.ones(size, device=dev)}
 
     def step():
+        vgf.set_matmul_precision(args)  # global switches: set for this option (options share a process)
         idx = torch.randint(0, size, (batch,), device=dev)
-        return agent.update({key: v[idx] for key, v in data.items()})
+        return update({key: v[idx] for key, v in data.items()})
 
+    return agent, step
+
+
+def result_row(setting, option, device, ups, warmup_s, peak_memory_mb):
+    import torch
+
+    flops = update_flops(*SETTINGS[setting])
+    return dict(impl="ours-torch", setting=setting, option=option, device=device, updates_per_s=ups,
+                hours_per_1m_updates=1e6 / ups / 3600, warmup_s=warmup_s, gflops_per_update=flops / 1e9,
+                achieved_gflop_s=flops * ups / 1e9, peak_memory_mb=peak_memory_mb, torch=torch.__version__,
+                threads=torch.get_num_threads(), device_name=torch.cuda.get_device_name() if device == "cuda" else
+                "cpu", load_avg=os.getloadavg()[0])
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(setting, option, device, iters, warmup):
+    """Time `iters` updates after `warmup` ones (compilation and CUDA-graph capture included in warm-up)."""
+    import resource
+
+    import torch
+
+    agent, step = make_update(setting, option, device)
     start = time.time()
     for _ in range(warmup):
         step()
-    sync()
+    sync(device)
     warmup_s = time.time() - start
-    if dev.type == "cuda":
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     for _ in range(iters):
         metrics = step()
-    sync()
+    sync(device)
     elapsed = time.time() - start
     assert torch.isfinite(metrics["losses/critic_loss"]), "non-finite loss in the benchmark"
-    ups = iters / elapsed
-    flops = update_flops(obs_dim, act_dim, hidden, batch, n, k, L)
-    return dict(impl="ours-torch", setting=setting, option=option, device=device, updates_per_s=ups,
-                warmup_s=warmup_s, gflops_per_update=flops / 1e9, achieved_gflop_s=flops * ups / 1e9,
-                peak_memory_mb=(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                torch=torch.__version__, threads=torch.get_num_threads(),
-                device_name=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                load_avg=os.getloadavg()[0])
+    return result_row(setting, option, device, iters / elapsed, warmup_s,
+                      torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def run_interleaved(setting, options, device, iters, warmup, rounds):
+    """All `options` in this process: warm each up, then `rounds` rounds of `iters` updates of each in turn."""
+    import statistics
+
+    import torch
+
+    runs, rows = {}, []
+    for option in options:
+        start = time.time()
+        agent, step = make_update(setting, option, device)
+        for _ in range(warmup):
+            step()
+        sync(device)
+        runs[option] = dict(step=step, warmup_s=time.time() - start, rates=[], peak=0.0)
+    for _ in range(rounds):
+        for option, run in runs.items():
+            base = torch.cuda.memory_allocated() if device == "cuda" else 0
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.time()
+            for _ in range(iters):
+                metrics = run["step"]()
+            sync(device)
+            run["rates"].append(iters / (time.time() - start))
+            assert torch.isfinite(metrics["losses/critic_loss"]), "non-finite loss in the benchmark"
+            if device == "cuda":
+                run["peak"] = max(run["peak"], (torch.cuda.max_memory_allocated() - base) / 2**20)
+    for option, run in runs.items():
+        rows.append(dict(result_row(setting, option, device, statistics.median(run["rates"]), run["warmup_s"],
+                                    run["peak"] if device == "cuda" else None),
+                         updates_per_s_rounds=run["rates"], interleaved=True))
+    return rows
 
 
 def run_official(repo, python, setting, iters):
@@ -101,11 +185,14 @@ def run_official(repo, python, setting, iters):
     obs_dim, act_dim, hidden, batch, n, k, L = SETTINGS[setting]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_vgf_bench.py")
     proc = subprocess.run([python, script, "--repo", repo, "--hidden-dims", *map(str, hidden), "--iters", str(iters),
-                           "--transport-steps", str(L), "--json", "-"], capture_output=True, text=True)
+                           "--transport-steps", str(L), "--batch-size", str(batch), "--particles", str(n),
+                           "--flow-steps", str(k), "--json", "-"], capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(impl="official-jax", setting=setting, error=proc.stderr[-500:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return dict(result, impl="official-jax", setting=setting, option="jit")
+    ups, flops = result["updates_per_s"], update_flops(*SETTINGS[setting])
+    return dict(result, impl="official-jax", setting=setting, option="jit", hours_per_1m_updates=1e6 / ups / 3600,
+                gflops_per_update=flops / 1e9, achieved_gflop_s=flops * ups / 1e9, peak_memory_mb=None)
 
 
 def main():
@@ -114,8 +201,10 @@ def main():
                         choices=list(SETTINGS))
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=20, help="updates per timing (per round with --interleave)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--interleave", action="store_true", help="one process per setting, options in turns")
+    parser.add_argument("--rounds", type=int, default=3, help="with --interleave: timing rounds per option")
     parser.add_argument("--quick", action="store_true", help="CI-sized: the tiny setting, eager options, 5 updates")
     parser.add_argument("--official-repo", default=None, help="checkout of github.com/ryanxhr/vgf to time beside ours")
     parser.add_argument("--official-python", default=sys.executable, help="interpreter that has jax/flax for it")
@@ -137,9 +226,14 @@ def main():
             results.append(run_official(args.official_repo, args.official_python, setting, args.iters))
             print(json.dumps(results[-1]))
         for device in args.devices:
-            for option in args.options:
-                if any(flag in option and device != only for flag, only in DEVICE_ONLY.items()):
-                    continue
+            options = [o for o in args.options
+                       if not any(flag in o and device != only for flag, only in DEVICE_ONLY.items())]
+            if args.interleave:
+                rows = run_interleaved(setting, options, device, args.iters, args.warmup, args.rounds)
+                results += rows
+                print("\n".join(json.dumps(r) for r in rows))
+                continue
+            for option in options:
                 job = dict(setting=setting, option=option, device=device, iters=args.iters, warmup=args.warmup)
                 proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
                                       text=True)
@@ -150,14 +244,16 @@ def main():
                 print(json.dumps(results[-1]))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{'setting':20s} {'impl':13s} {'option':30s} {'device':6s} {'upd/s':>8s} {'GFLOP/s':>8s} {'peak MB':>8s}")
+    print(f"\n{'setting':20s} {'impl':13s} {'option':28s} {'device':6s} {'upd/s':>8s} {'h/1M':>7s} {'GFLOP/s':>8s} "
+          f"{'peak MB':>8s}")
     for r in results:
         if "error" in r:
-            print(f"{r['setting']:20s} {r['impl']:13s} {r.get('option', ''):30s} {r.get('device', ''):6s}  error")
+            print(f"{r['setting']:20s} {r['impl']:13s} {r.get('option', ''):28s} {r.get('device', ''):6s}  error")
             continue
-        print(f"{r['setting']:20s} {r['impl']:13s} {r['option']:30s} {r.get('device', ''):6s} "
-              f"{r['updates_per_s']:8.2f} {r.get('achieved_gflop_s', float('nan')):8.1f} "
-              f"{r.get('peak_memory_mb', float('nan')):8.0f}")
+        memory = r.get("peak_memory_mb")
+        print(f"{r['setting']:20s} {r['impl']:13s} {r['option']:28s} {r.get('device', ''):6s} "
+              f"{r['updates_per_s']:8.2f} {1e6 / r['updates_per_s'] / 3600:7.1f} "
+              f"{r.get('achieved_gflop_s', float('nan')):8.1f} {'-' if memory is None else f'{memory:.0f}':>8s}")
     print(f"wrote {args.out}")
 
 

@@ -3,7 +3,7 @@ side-by-side comparison with tests/bench_offline.py (which calls this script wit
 
 The official code is not part of this project: clone it yourself and pass its folder; it is imported at run time.
 
-    git clone https://github.com/ryanxhr/vgf /tmp/vgf && pip install jax flax optax ml_collections distrax
+    git clone https://github.com/ryanxhr/vgf /tmp/vgf && pip install jax flax optax ml_collections
     python tests/official_vgf_bench.py --repo /tmp/vgf --hidden-dims 256 256 --iters 30 --json out.json
 """
 import argparse
@@ -45,6 +45,13 @@ def time_official(repo, hidden_dims, batch_size=256, num_particles=10, flow_step
     if repo not in sys.path:
         sys.path.insert(0, repo)
     import jax
+
+    try:
+        import distrax  # noqa: F401
+    except ImportError:  # utils/networks.py subclasses distrax.Transformed for its Gaussian actor only (unused here)
+        import types
+
+        sys.modules["distrax"] = types.SimpleNamespace(Transformed=object)
     from agents.vgf import VGFAgent, get_config
 
     config = get_config()

@@ -172,14 +172,14 @@ def test_float32_matches_the_official_float64_update(gold, name):
 
 
 def test_compiled_float32_update_matches_eager_and_the_official_update(gold, capsys):
-    """--compile (torch.compile of the update): about 3 minutes of compilation on a busy 2-core CPU with a cold
+    """--compile (torch.compile of the whole update): about 3 minutes of compilation on a busy 2-core CPU with a cold
     inductor cache (20 s with a warm one), the rest < 10 s."""
     torch._dynamo.reset()
     try:
         loss_err, param_err, compiled = float32_updates(gold, "vgf", compile=True)
     finally:
         torch._dynamo.reset()
-    assert "torch.compile failed" not in capsys.readouterr().out  # it really ran compiled
+    assert "compile failed" not in capsys.readouterr().out  # it really ran compiled
     _, _, eager = float32_updates(gold, "vgf")
     assert loss_err < TOL32 and param_err < TOL32, (loss_err, param_err)
     # compiled and eager differ by the order of float32 operations only: each of the 5 Adam steps (lr 3e-4) moves a

@@ -89,22 +89,31 @@ def test_fixed_bandwidth_svgd_direction_matches_the_equation():
     assert torch.allclose(fixed, reference_svgd(x, score, 0.3), atol=1e-10)
 
 
-def test_default_repulsion_differs_from_the_fixed_bandwidth():
+def autodiff_repulsion(x, detach_bandwidth: bool):
+    """-d/dx_i sum_jk k(x_j, stop(x_k)) by autodiff, the bandwidth from the stably sorted median (jnp.median)."""
+    xr = x.clone().requires_grad_(True)
+    d2 = (xr.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)
+    flat = (d2.detach() if detach_bandwidth else d2).flatten(1).sort(dim=1, stable=True).values
+    m, n = flat.shape[1], x.shape[1]
+    h = (0.5 * (flat[:, (m - 1) // 2] + flat[:, m // 2]) / (2 * math.log(n + 1))).clamp_min(1e-12)
+    return -torch.autograd.grad(torch.exp(-d2 / (1e-6 + 2 * h).view(-1, 1, 1)).sum(), xr)[0]
+
+
+@pytest.mark.parametrize("n", [5, 6])  # N^2 odd: one middle value; even: the mean of two
+def test_repulsion_equals_autodiff_through_and_without_the_bandwidth(n):
     torch.manual_seed(2)
-    x, score = torch.rand(2, 5, 2, dtype=torch.float64), torch.zeros(2, 5, 2, dtype=torch.float64)
+    x, score = torch.rand(3, n, 2, dtype=torch.float64), torch.zeros(3, n, 2, dtype=torch.float64)
     fixed = vgf.svgd_direction(x, score, 1.0, fixed_bandwidth=True)
     through = vgf.svgd_direction(x, score, 1.0)
     assert not torch.allclose(fixed, through)
-    # with the bandwidth detached, autodiff of sum_ij k(x_i, stop(x_j)) gives the closed form
-    xr = x.clone().requires_grad_(True)
-    d2 = (xr.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1)
-    auto = -torch.autograd.grad(torch.exp(-vgf.median_bandwidth_gamma(d2.detach()) * d2).sum(), xr)[0] / 5
-    assert torch.allclose(fixed, auto, atol=1e-12)
+    assert torch.allclose(fixed, autodiff_repulsion(x, detach_bandwidth=True) / n, atol=1e-12)
+    assert torch.allclose(through, autodiff_repulsion(x, detach_bandwidth=False) / n, atol=1e-12)
 
 
 def test_median_is_the_mean_of_the_two_middle_values():
     d2 = torch.tensor([[[0.0, 1.0], [4.0, 0.0]]])  # N=2: values 0, 0, 1, 4 -> median 0.5
-    assert torch.allclose(vgf.median_bandwidth_gamma(d2), torch.tensor(1.0 / (1e-6 + 2 * 0.5 / (2 * math.log(3)))))
+    gamma, _ = vgf.median_bandwidth(d2)
+    assert torch.allclose(gamma, torch.tensor(1.0 / (1e-6 + 2 * 0.5 / (2 * math.log(3)))))
 
 
 def test_behaviour_flow_learns_a_bimodal_action_distribution():
