@@ -187,13 +187,15 @@ def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
     def logprob_fn(x, emb, top_k, grad):  # a uniform base model: every token equally likely
         rep = len(x) // len(ids)
         cand = torch.arange(top_k).expand(*x.shape, top_k) if top_k else None
-        return torch.full(x.shape, -math.log(vocab)) * mask.repeat_interleave(rep, 0), cand, torch.zeros(*x.shape, dim)
+        cand_lp = torch.full(cand.shape, -math.log(vocab)) if top_k else None
+        lp = torch.full(x.shape, -math.log(vocab)) * mask.repeat_interleave(rep, 0)
+        return lp, cand, cand_lp, torch.zeros(*x.shape, dim)
 
     return table, ids, mask, reward_fn, logprob_fn, B, N
 
 
 def toy_args(**kw):
-    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5)
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5, project_every_step=False)
     base.update(kw)
     return vgf_llm.Args(**base)
 
@@ -201,12 +203,12 @@ def toy_args(**kw):
 def test_zero_steps_is_best_of_n():
     table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
     allowed = torch.ones(len(table), dtype=torch.bool)
-    for mode in ("topk", "embed"):
+    for mode in ("topk", "embed", "soft"):
         snaps = vgf_llm.transport(
             ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
         )
         assert torch.equal(snaps[0][0], ids)
-        best, out_ids, out_r, _ = vgf_llm.select(*snaps[0][:3], snaps[0][:3], N, mask, nll_filter=False)
+        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], snaps[0], N, nll_filter=False)
         r = reward_fn(ids, None, False).view(B, N)
         assert torch.equal(out_ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
         assert torch.allclose(out_r, r.max(1).values)
@@ -308,7 +310,7 @@ def test_topk_transport_does_not_stall_on_rejected_moves():
     def logprob_fn(x, emb, top_k, grad):
         rep = len(x) // len(ids)
         lp = torch.where(x == forbidden, -100.0, 0.0) * mask.repeat_interleave(rep, 0)
-        return lp, torch.arange(top_k).expand(*x.shape, top_k) if top_k else None, None
+        return lp, torch.arange(top_k).expand(*x.shape, top_k) if top_k else None, torch.zeros(*x.shape, top_k), None
 
     args = toy_args(num_proposals=1, top_k=len(table))
     snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 12], reward_fn, logprob_fn, table, allowed, args)
