@@ -3,10 +3,13 @@
 # Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
 # Stages, in the paper's order: value learning -> reference sampler -> transport -> evaluation.
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
@@ -31,8 +34,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, a GPU is used when one is available"""
-    bf16: bool = False
-    """load the base and reward models in bfloat16 (particles and the value head stay float32)"""
+    bf16: bool = True
+    """on CUDA, run the base and reward models in bfloat16 (particles, value head and trained weights stay float32);
+    --no-bf16 keeps float32; ignored on CPU"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "vgf"
@@ -49,12 +53,17 @@ class Args:
     """name of a GGUF file inside the --model folder (de-quantised on load)"""
     dataset: str = "Anthropic/hh-rlhf"
     """preference data: a hub dataset (Anthropic HH, TL;DR preferences) or a local JSONL with prompt, chosen, rejected"""
+    dataset_config: Optional[str] = None
+    """configuration of a hub dataset that has several (e.g. `comparisons` for openai/summarize_from_feedback)"""
+    dataset_subset: Optional[str] = None
+    """data_dir of a hub dataset, e.g. `helpful-base` or `harmless-base` of Anthropic/hh-rlhf (default: all)"""
     eval_fraction: float = 0.1
-    """share of a local JSONL held out (its last lines) for reward-model accuracy and evaluation prompts"""
+    """share of a local JSONL held out (its last lines) for reward-model accuracy and evaluation prompts (a hub
+    dataset uses its test split; rows of hub data are drawn at random with --seed)"""
     chat_template: bool = True
     """wrap prompts in the tokenizer's chat template when it has one"""
     max_prompt_tokens: int = 256
-    """prompts are cut to their last this-many tokens"""
+    """prompts longer than this many tokens lose their oldest text (the chat template's header is kept)"""
 
     # Value learning (Bradley-Terry reward model)
     reward_model: Optional[str] = None
@@ -125,16 +134,29 @@ class Args:
 
 
 # TRY NOT TO MODIFY: loading models and data, with errors that say what to do
+class VGFError(Exception):
+    """A problem with the user's input or files, reported as `error: ...` (exit 2) without a traceback."""
+
+
 SHORT_NAMES = {"Qwen": "Qwen/", "SmolLM": "HuggingFaceTB/", "Llama": "meta-llama/", "gemma": "google/"}
+
+
+def looks_local(name: str):
+    """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or with a file suffix."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.splitext(name)[1] != ""
 
 
 def resolve_model(name: str, gguf_file: Optional[str]):
     if name.endswith(".gguf") and os.path.isfile(name):
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.exists(name) and looks_local(name):
+        raise VGFError(f"--model {name}: no such file or folder")
+    if gguf_file and os.path.isdir(name) and not os.path.isfile(os.path.join(name, gguf_file)):
+        raise VGFError(f"--gguf-file {gguf_file}: not found in the --model folder {name}")
     if not os.path.exists(name) and "/" not in name:
         prefix = next((p for k, p in SHORT_NAMES.items() if name.startswith(k)), None)
         if prefix is None:
-            raise SystemExit(f"--model {name!r}: not a folder and not a hub id; pass `org/name` or a local folder")
+            raise VGFError(f"--model {name!r}: not a folder and not a hub id; pass `org/name` or a local folder")
         name = prefix + name
     return name, gguf_file
 
@@ -142,9 +164,15 @@ def resolve_model(name: str, gguf_file: Optional[str]):
 def from_pretrained(cls, name, **kw):
     try:
         return cls.from_pretrained(name, **kw)
+    except ImportError as e:  # GGUF files need gguf (and accelerate to load), hub data needs datasets
+        raise VGFError(f"loading {name!r} needs a missing package: {str(e).splitlines()[0]}\n"
+                       "install it, e.g. `pip install gguf accelerate` for a .gguf model") from None
     except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
+        first = str(e).splitlines()[0] if str(e) else ""
+        if "pip install" in str(e):  # transformers names a missing package (gguf, accelerate) in a ValueError
+            raise VGFError(f"loading {name!r} needs a missing package: {first}") from None
+        raise VGFError(
+            f"could not load {name!r} ({type(e).__name__}: {first}).\n"
             "Without network access, download it beforehand (`hf download <id>` on a connected machine, then copy "
             "the HF cache or set HF_HOME) or pass a local folder: --model /path/to/folder (--gguf-file for GGUF)."
         ) from None
@@ -159,6 +187,33 @@ def load_tokenizer(path, gguf_file=None):
     return tok
 
 
+def end_of_turn(tok):
+    """The special token that closes an assistant turn in the chat template (`<|im_end|>` for ChatML), or None."""
+    marker = "vgf-probe-7Q"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:
+        return None
+    ids = tok(text[text.rfind(marker) + len(marker) :].lstrip(), add_special_tokens=False)["input_ids"][:1]
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_tokens(tok, generation_config, chat_template):
+    """Ids that end a response: the tokenizer's and generation config's EOS and, when prompts are templated, the
+    template's end-of-turn token (a base model's EOS is `<|endoftext|>` but its template closes turns with
+    `<|im_end|>`). Also returns the id that closes responses (the end-of-turn token when templated)."""
+    ids = {tok.eos_token_id} | set(np.atleast_1d(getattr(generation_config, "eos_token_id", None) or []).tolist())
+    end = tok.eos_token_id
+    eot = end_of_turn(tok) if chat_template and tok.chat_template else None
+    if eot is not None:
+        ids.add(eot)
+        end = eot
+    return sorted(i for i in ids if i is not None), end
+
+
 def read_jsonl(path):
     rows = []
     with open(path) as f:
@@ -168,13 +223,13 @@ def read_jsonl(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}, line {i}: invalid JSON ({e.msg}); expected one object per line") from None
+                raise VGFError(f"{path}, line {i}: invalid JSON ({e.msg}); expected one object per line") from None
             for key in ("prompt", "chosen", "rejected"):
                 if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise SystemExit(f"{path}, line {i}: key {key!r} missing or not a string")
+                    raise VGFError(f"{path}, line {i}: key {key!r} missing or not a string")
             rows.append(row)
     if len(rows) < 2:
-        raise SystemExit(f"{path}: needs at least 2 preference rows, found {len(rows)}")
+        raise VGFError(f"{path}: needs at least 2 preference rows, found {len(rows)}")
     return rows
 
 
@@ -185,55 +240,137 @@ def split_hh(text: str):
 
 
 def as_text(x):
-    return x if isinstance(x, str) else "\n".join(m["content"] for m in x)  # conversational rows: join contents
+    """A response: a string, or conversational messages (their contents joined)."""
+    return x if isinstance(x, str) else "\n".join(m["content"] for m in x)
+
+
+def to_turns(prompt):
+    """Chat turns of a prompt: conversational rows keep their roles, HH transcripts are split at Human/Assistant,
+    any other text is one user turn."""
+    if not isinstance(prompt, str):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    turns, role = [], "user"
+    if "\n\nHuman:" in prompt:
+        for part in prompt.replace("\n\nAssistant:", "\n\nHuman:").split("\n\nHuman:")[1:]:
+            if part.strip():
+                turns.append({"role": role, "content": part.strip()})
+            role = "assistant" if role == "user" else "user"
+        turns = turns if turns and turns[-1]["role"] == "user" else turns[:-1]
+    return turns or [{"role": "user", "content": prompt}]
+
+
+def prompt_text(prompt):
+    """A prompt as one string (for records and text judges)."""
+    return prompt if isinstance(prompt, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def tldr_prompt(info):
+    """openai/summarize_from_feedback's post in the TL;DR layout of trl-lib/tldr-preference."""
+    body = info.get("post") or info.get("article") or ""
+    head = f"SUBREDDIT: r/{info['subreddit']}\n" if info.get("subreddit") else ""
+    return f"{head}TITLE: {info.get('title') or ''}\nPOST: {body}\nTL;DR:"
+
+
+def preference_row(r):
+    """One (prompt, chosen, rejected) from the schemas of HH (chosen/rejected transcripts), TRL preference data
+    (prompt/chosen/rejected, strings or messages; or implicit-prompt messages) and summarize_from_feedback."""
+    if "prompt" in r:
+        return dict(prompt=r["prompt"], chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"]))
+    if "summaries" in r:
+        k = int(r["choice"])
+        return dict(prompt=tldr_prompt(r["info"]), chosen=r["summaries"][k]["text"], rejected=r["summaries"][1 - k]["text"])
+    if not isinstance(r["chosen"], str):  # implicit prompt: the shared messages before the last one
+        return dict(prompt=r["chosen"][:-1], chosen=r["chosen"][-1]["content"], rejected=r["rejected"][-1]["content"])
+    (p, c), (_, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
+    return dict(prompt=p, chosen=c, rejected=rj)
+
+
+def check_dataset(args):
+    """Fails before any model loads when --dataset names a local file or folder that is not there."""
+    if not os.path.exists(args.dataset) and looks_local(args.dataset):
+        raise VGFError(f"--dataset {args.dataset}: no such file or folder (a local JSONL, a dataset folder or a hub id)")
+    local_jsonl = os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config
+    if not local_jsonl and importlib.util.find_spec("datasets") is None:
+        raise VGFError(f"--dataset {args.dataset}: hub datasets need the `datasets` package (`pip install datasets`)")
 
 
 def load_preferences(args):
-    if os.path.isfile(args.dataset):
-        rows = read_jsonl(args.dataset)
+    """(train rows, held-out rows). A local JSONL holds out its last lines; hub data is shuffled with --seed."""
+    if os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config:
+        try:
+            rows = read_jsonl(args.dataset)
+        except UnicodeDecodeError:
+            raise VGFError(f"--dataset {args.dataset}: not a text JSONL file") from None
         n_test = max(1, int(len(rows) * args.eval_fraction))
         return rows[:-n_test], rows[-n_test:]
     try:
         import datasets
     except ImportError:
-        raise SystemExit(f"--dataset {args.dataset!r} is not a local file; hub datasets need `pip install datasets`")
+        raise VGFError(f"--dataset {args.dataset}: hub datasets need the `datasets` package (`pip install datasets`)")
     try:
-        ds = datasets.load_dataset(args.dataset)
+        ds = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.dataset_subset)
+    except ValueError as e:
+        msg = str(e)
+        if "Config name is missing" in msg or "BuilderConfig" in msg:
+            configs = msg[msg.find("[") : msg.find("]") + 1] if "[" in msg else "see the dataset card"
+            raise VGFError(f"--dataset {args.dataset} has several configurations {configs}: pick one with "
+                           "--dataset-config (e.g. `comparisons` for openai/summarize_from_feedback)") from None
+        raise VGFError(f"could not load dataset {args.dataset!r} ({msg.splitlines()[0]})") from None
     except Exception as e:
-        raise SystemExit(f"could not load dataset {args.dataset!r} ({e}); offline, pass a local JSONL instead")
+        raise VGFError(f"could not load dataset {args.dataset!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                       "offline, pass a local JSONL or a downloaded dataset folder instead") from None
+    if "train" not in ds:
+        raise VGFError(f"--dataset {args.dataset}: no `train` split (found {sorted(ds)})")
+    cols = set(ds["train"].column_names)
+    if not ({"prompt", "chosen", "rejected"} <= cols or {"chosen", "rejected"} <= cols or {"info", "summaries"} <= cols):
+        raise VGFError(f"--dataset {args.dataset}: unknown schema {sorted(cols)}; expected prompt/chosen/rejected, "
+                       "HH-style chosen/rejected transcripts, or summarize_from_feedback's info/summaries/choice")
     test_split = next((s for s in ("test", "validation", "valid") if s in ds), None)
     if test_split is None:
         ds = ds["train"].train_test_split(test_size=args.eval_fraction, seed=args.seed)
         test_split = "test"
 
-    def rows(split):
-        out = []
-        for r in ds[split]:
-            if "prompt" in r:
-                out.append(dict(prompt=as_text(r["prompt"]), chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"])))
-            else:
-                (p, c), (_, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
-                out.append(dict(prompt=p, chosen=c, rejected=rj))
-        return out
+    def rows(split, n):  # a seeded random subset, so every part of the data (e.g. each HH subset) is represented
+        d = ds[split].shuffle(seed=args.seed)
+        return [preference_row(r) for r in d.select(range(min(n, len(d))))]
 
-    return rows("train"), rows(test_split)
+    n_test = max(args.rm_eval_pairs, 4 * args.num_eval_prompts)
+    return rows("train", args.rm_train_pairs), rows(test_split, n_test)
 
 
-def prompt_ids(tok, text, args):
-    """Chat template when the tokenizer has one (HH transcripts become turns), else the raw text."""
+def template(tok, turns):
+    ids = tok.apply_chat_template(turns, add_generation_prompt=True)
+    return list(ids["input_ids"] if not isinstance(ids, list) else ids)
+
+
+def prompt_ids(tok, prompt, args):
+    """Chat template when the tokenizer has one, else the raw text. A prompt over --max-prompt-tokens loses its
+    oldest text before templating (whole turns first), so the template's header and a system turn survive."""
+    limit = args.max_prompt_tokens
     if args.chat_template and tok.chat_template:
-        turns, role = [], "user"
-        if "\n\nHuman:" in text:
-            for part in text.replace("\n\nAssistant:", "\n\nHuman:").split("\n\nHuman:")[1:]:
-                if part.strip():
-                    turns.append({"role": role, "content": part.strip()})
-                role = "assistant" if role == "user" else "user"
-            turns = turns if turns and turns[-1]["role"] == "user" else turns[:-1]
-        ids = tok.apply_chat_template(turns or [{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = ids["input_ids"] if not isinstance(ids, list) else ids
-    else:
-        ids = tok(text, add_special_tokens=True)["input_ids"]
-    return list(ids)[-args.max_prompt_tokens :]
+        turns = [dict(t) for t in to_turns(prompt)]
+        ids = template(tok, turns)
+        first = 1 if turns[0]["role"] == "system" and len(turns) > 1 else 0
+        count = lambda t: len(tok(t["content"], add_special_tokens=False)["input_ids"])
+        while len(ids) > limit and len(turns) > first + 1 and count(turns[first]) <= len(ids) - limit:
+            turns.pop(first)
+            if turns[first]["role"] == "assistant" and len(turns) > first + 1:  # a conversation opens with the user
+                turns.pop(first)
+            ids = template(tok, turns)
+        for _ in range(4):  # cut the oldest turn's text; token counts can shift by a few at the cut
+            if len(ids) <= limit:
+                break
+            body = tok(turns[first]["content"], add_special_tokens=False)["input_ids"]
+            turns[first]["content"] = tok.decode(body[len(ids) - limit :])
+            ids = template(tok, turns)
+        return ids[-limit:]
+    text = prompt_text(prompt)
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if len(ids) > limit:
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        extra = len(ids) - len(body)  # BOS and the like
+        ids = tok(tok.decode(body[-(limit - extra) :]), add_special_tokens=True)["input_ids"]
+    return list(ids)[-limit:]
 
 
 def response_ids(tok, text, max_tokens, eos_id):
@@ -287,16 +424,40 @@ class RewardModel(nn.Module):
             json.dump(dict(info, backbone=backbone_ref, pooling=self.pooling), f, indent=2)
 
     @classmethod
-    def load(cls, folder, dtype):
+    def load(cls, folder, dtype, shared=None):
+        """shared: (path, gguf_file, module) of the loaded base model; a reward model whose frozen backbone is that
+        model reuses the module instead of loading the weights again."""
         from transformers import AutoModel
 
         if not os.path.isfile(os.path.join(folder, "vgf_reward.json")):
-            raise SystemExit(f"{folder!r} is not a reward model of this program (no vgf_reward.json / value_head.pt)")
+            raise VGFError(f"{folder!r} is not a reward model of this program (no vgf_reward.json / value_head.pt)")
         info = json.load(open(os.path.join(folder, "vgf_reward.json")))
         ref = info.get("backbone") or {"path": folder, "gguf_file": None}
-        rm = cls(from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype), info.get("pooling", "last"))
+        if shared is not None and same_model((ref["path"], ref["gguf_file"]), shared[:2]):
+            backbone = shared[2]
+        else:
+            backbone = from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype)
+        rm = cls(backbone, info.get("pooling", "last"))
         rm.head.load_state_dict(torch.load(os.path.join(folder, "value_head.pt"), map_location="cpu"))
         return rm, info
+
+
+def same_model(a, b):
+    """(path, gguf_file) pairs naming the same weights (local paths compared as absolute paths)."""
+    norm = lambda p: os.path.abspath(p) if os.path.exists(p) else p
+    return norm(a[0]) == norm(b[0]) and a[1] == b[1]
+
+
+def build_reward_model(model_path, gguf_file, lm, args, dtype):
+    """A fresh R: the base model's own backbone module when it stays frozen (no second copy of the weights), else a
+    float32 copy to train (Adam on bfloat16 weights at lr 1e-5 leaves most updates below bfloat16's resolution; the
+    forward runs under bfloat16 autocast instead, see train_reward_model)."""
+    from transformers import AutoModel
+
+    if not args.rm_train_backbone:
+        return RewardModel(lm.base_model, args.rm_pooling)
+    backbone = from_pretrained(AutoModel, model_path, gguf_file=gguf_file, dtype=torch.float32)
+    return RewardModel(backbone, args.rm_pooling).to(lm.device)
 
 
 def joint_embeds(embed, p_ids, p_mask, r_emb, r_mask):
@@ -369,7 +530,10 @@ def pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
     return r[: len(p)], r[len(p) :]
 
 
-def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writer, eos_id):
+def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writer, eos_id, bf16=False):
+    """Bradley-Terry training. bf16: the trained (float32) backbone runs its forward under bfloat16 autocast, so
+    Adam updates float32 master weights."""
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16 and args.rm_train_backbone)
     rm.backbone.get_input_embeddings().weight.requires_grad_(False)  # particles live in the base embedding space
     if not args.rm_train_backbone:
         rm.backbone.requires_grad_(False)
@@ -394,14 +558,15 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
         for i in range(0, len(order), args.rm_batch_size):
             b = order[i : i + args.rm_batch_size]
             if args.rm_train_backbone:
-                rc, rr = pair_rewards(
-                    rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9
-                )
+                with autocast:
+                    rc, rr = pair_rewards(
+                        rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9
+                    )
             else:
                 rc, rr = rm.head(fc[b]).squeeze(-1), rm.head(fr[b]).squeeze(-1)
             loss, acc = bradley_terry_loss(rc, rr)
             if not torch.isfinite(loss):
-                raise SystemExit(f"reward-model loss is {loss.item()} at step {step}: lower --rm-lr or drop --bf16")
+                raise VGFError(f"reward-model loss is {loss.item()} at step {step}: lower --rm-lr or pass --no-bf16")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -440,30 +605,37 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     return dict(heldout_accuracy=acc.item(), heldout_bt_loss=loss.item(), heldout_pairs=len(p))
 
 
-# ALGO LOGIC: reference sampler mu (fixed-length sampling, then truncation after the first EOS)
+# ALGO LOGIC: reference sampler mu (sampling up to a length limit, then truncation after the first stop token)
 @torch.no_grad()
-def sample_responses(lm, p_ids, p_mask, num_new, temperature):
-    """Autoregressive sampling with a KV cache; left-padded prompts get position ids from their mask."""
+def sample_responses(lm, p_ids, p_mask, num_new, temperature, stop_ids):
+    """Autoregressive sampling with a KV cache; left-padded prompts get position ids from their mask. The prefill
+    computes logits for the last position only; sampling ends once every sequence holds a stop token, and the
+    (num_new-wide) output is filled with a stop token from there on."""
     mask, pos = p_mask, (p_mask.cumsum(1) - 1).clamp(min=0)
-    out = lm(input_ids=p_ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    tokens = []
+    out = lm(input_ids=p_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    tokens, done = [], torch.zeros(len(p_ids), dtype=torch.bool, device=p_ids.device)
     for t in range(num_new):
         logits = out.logits[:, -1].float()
         nxt = logits.argmax(-1, keepdim=True) if temperature == 0 else torch.multinomial((logits / temperature).softmax(-1), 1)
         tokens.append(nxt)
-        if t + 1 < num_new:
-            mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos[:, -1:] + 1
-            out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(tokens, 1)
+        done |= torch.isin(nxt[:, 0], stop_ids)
+        if t + 1 == num_new or bool(done.all()):
+            break
+        mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos[:, -1:] + 1
+        out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+    tokens = torch.cat(tokens, 1)
+    return F.pad(tokens, (0, num_new - tokens.shape[1]), value=int(stop_ids[0]))
 
 
 def truncate_at_eos(tokens, eos_ids, pad_id, eos_id):
-    """Keep tokens up to and including the first EOS; everything after becomes masked padding. A response that hit
-    the length limit gets an EOS appended, so every response ends as the reward model's training responses do."""
+    """Keep tokens up to and including the first stop token; everything after becomes masked padding, and columns
+    that are padding in every row are dropped. A response that hit the length limit gets eos_id appended, so every
+    response ends as the reward model's training responses do."""
     tokens = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_id)], 1)
     is_eos = torch.isin(tokens, eos_ids)
     after = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return tokens.masked_fill(after, pad_id), (~after).long()
+    width = int((~after).sum(1).max())
+    return tokens.masked_fill(after, pad_id)[:, :width], (~after).long()[:, :width]
 
 
 def response_logprobs(
@@ -718,24 +890,27 @@ def select(snap, ref, n, nll_filter):
 class Judge:
     """Scores (prompt, response) texts with a model that did not drive the transport."""
 
-    def __init__(self, spec, args, device, dtype, fallback):
+    def __init__(self, spec, args, device, dtype, fallback, shared=None):
         self.kind, self.name = "fallback", spec or "transport reward model (not independent)"
         if spec == "vader":
             try:
                 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
             except ImportError:
-                raise SystemExit("--judge vader needs `pip install vaderSentiment`")
+                raise VGFError("--judge vader needs `pip install vaderSentiment`") from None
             self.kind, self.vader = "vader", SentimentIntensityAnalyzer()
         elif spec and os.path.isfile(os.path.join(spec, "vgf_reward.json")):
             self.kind, self.tok = "rm", load_tokenizer(spec)
-            self.rm = RewardModel.load(spec, dtype)[0].to(device).eval()
+            self.rm = RewardModel.load(spec, dtype, shared)[0].to(device).eval()
+            self.end = stop_tokens(self.tok, None, args.chat_template)[1]
         elif spec:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             self.kind, self.tok = "hub", from_pretrained(AutoTokenizer, spec)
             self.model = from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype).to(device).eval()
+            self.label = judge_label(self.model.config, spec)
         else:
-            self.tok, self.rm = fallback
+            self.tok, self.rm = fallback[:2]
+            self.end = fallback[2]
         self.args, self.device = args, device
 
     @torch.no_grad()
@@ -743,11 +918,22 @@ class Judge:
         if self.kind == "vader":
             return [self.vader.polarity_scores(r)["compound"] for r in responses]
         if self.kind == "hub":
-            enc = self.tok(prompts, responses, return_tensors="pt", padding=True, truncation=True).to(self.device)
-            return self.model(**enc).logits[:, 0].float().tolist()
-        tok, eos = self.tok, self.tok.eos_token_id
+            if self.tok.chat_template:  # a chat reward model scores the conversation in its own template
+                texts = [
+                    self.tok.apply_chat_template(to_turns(p) + [{"role": "assistant", "content": r}], tokenize=False)
+                    for p, r in zip(prompts, responses)
+                ]
+                enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
+            else:
+                enc = self.tok([prompt_text(p) for p in prompts], responses, return_tensors="pt", padding=True, truncation=True)
+            logits = self.model(**enc.to(self.device)).logits.float()
+            if logits.shape[1] == 1:
+                return logits[:, 0].tolist()
+            others = torch.cat([logits[:, : self.label], logits[:, self.label + 1 :]], 1)
+            return (logits[:, self.label] - others.logsumexp(1)).tolist()  # log-odds of the positive label
+        tok = self.tok
         p = [prompt_ids(tok, x, self.args) for x in prompts]
-        r = [response_ids(tok, y, self.args.rm_max_response_tokens, eos) for y in responses]
+        r = [response_ids(tok, y, self.args.rm_max_response_tokens, self.end) for y in responses]
         embed = self.rm.backbone.get_input_embeddings()
         pi, pm = pad(p, tok.pad_token_id, left=True)
         ri, rmask = pad(r, tok.pad_token_id, left=False)
@@ -782,6 +968,24 @@ def plot_reward_vs_nll(summaries, folder):
     plt.close(fig)
 
 
+POSITIVE_LABELS = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
+
+
+def judge_label(config, spec):
+    """Index of the positive class of a hub classifier: the single output of a reward head, else the label whose
+    id2label name reads positive (logit 0 of a 2-label classifier is usually the negative class)."""
+    if config.num_labels == 1:
+        return 0
+    names = {i: str(n).lower() for i, n in config.id2label.items()}
+    hits = [int(i) for i, n in names.items() if n in POSITIVE_LABELS]
+    if len(hits) == 1:
+        return hits[0]
+    if config.num_labels == 2 and all(n.startswith("label_") for n in names.values()):
+        return 1  # LABEL_0 / LABEL_1: class 1 is the positive one by convention
+    raise VGFError(f"--judge {spec}: cannot tell which of its labels {config.id2label} is the positive one; use a "
+                   "reward model with one output or a classifier with a `positive`-like label")
+
+
 def edit_distance(a, b):
     """Levenshtein distance between two token lists."""
     prev = list(range(len(b) + 1))
@@ -799,13 +1003,50 @@ def win_rate(a, b):
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.plot_runs:  # only the comparison plot of finished runs
-        plot_reward_vs_nll([json.load(open(os.path.join(d, "summary.json"))) for d in args.plot_runs], args.output_dir)
-        raise SystemExit(0)
+def check_args(args):
+    """Nonsensical settings are refused before anything loads."""
+    positive = ("num_particles", "max_new_tokens", "num_eval_prompts", "prompt_batch_size", "micro_batch_size",
+                "rm_batch_size", "rm_train_pairs", "rm_eval_pairs", "max_prompt_tokens", "num_proposals")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise VGFError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.top_k < (0 if args.transport == "embed" else 1):
+        raise VGFError(f"--top-k must be at least 1 (0 = the whole vocabulary, embed only); got {args.top_k}")
+    if args.rm_max_response_tokens < 2:
+        raise VGFError(f"--rm-max-response-tokens must be at least 2 (got {args.rm_max_response_tokens})")
+    if args.rm_epochs < 0:
+        raise VGFError(f"--rm-epochs must be non-negative (got {args.rm_epochs})")
+    if not 0 < args.eval_fraction < 1:
+        raise VGFError(f"--eval-fraction must lie in (0, 1) (got {args.eval_fraction})")
+    for name in ("alpha", "rm_lr", "step_size"):
+        if not getattr(args, name) > 0:
+            raise VGFError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if not args.temperature >= 0 or not math.isfinite(args.lm_coef):
+        raise VGFError(f"--temperature must be non-negative and --lm-coef finite (got {args.temperature}, {args.lm_coef})")
     if not args.transport_steps or min(args.transport_steps) < 0:
-        raise SystemExit("--transport-steps needs non-negative integers, e.g. 0 1 2 4 8")
+        raise VGFError("--transport-steps needs non-negative integers, e.g. 0 1 2 4 8")
+    if args.reward_model and not os.path.isfile(os.path.join(args.reward_model, "vgf_reward.json")):
+        raise VGFError(f"--reward-model {args.reward_model}: not a reward-model folder of this program (no vgf_reward.json)")
+    if args.judge and args.judge != "vader" and not os.path.exists(args.judge) and looks_local(args.judge):
+        raise VGFError(f"--judge {args.judge}: no such folder")
+
+
+def sync(device):
+    """CUDA runs asynchronously: wait for the queued work before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced(device, out):
+    sync(device)
+    return out
+
+
+NEW_RUN_DIRS = []  # run folders this process created; removed again when the run fails before writing results
+
+
+def main(args):
+    check_args(args)
     steps = sorted(set(args.transport_steps))
 
     # TRY NOT TO MODIFY: data-parallel over prompts under `accelerate launch` (no process management of our own)
@@ -819,6 +1060,7 @@ if __name__ == "__main__":
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     model_path, gguf_file = resolve_model(args.model, args.gguf_file)
+    check_dataset(args)
     run_name = [
         args.run_name or f"{args.exp_name}__{os.path.basename(model_path.rstrip('/'))}__{args.seed}__{int(time.time())}"
     ]
@@ -826,6 +1068,31 @@ if __name__ == "__main__":
         broadcast_object_list(run_name)
     run_dir = os.path.join(args.output_dir, run_name[0])
     is_main = rank == 0
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    bf16 = args.bf16 and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_path, gguf_file)
+    train_rows, test_rows = load_preferences(args)  # data problems surface before the model loads
+    lm = from_pretrained(AutoModelForCausalLM, model_path, gguf_file=gguf_file, dtype=dtype).to(device).eval()
+    lm.requires_grad_(False)
+    embed = lm.get_input_embeddings()
+    # a response ends at the tokenizer's or generation config's EOS or the chat template's end of turn
+    stop_list, end_id = stop_tokens(tok, lm.generation_config, args.chat_template)
+    eos_ids = torch.tensor(stop_list, device=device)
+    allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=device)
+    allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens, nor a stop token
+    allowed[torch.tensor(tok.all_special_ids + stop_list, dtype=torch.long)] = False
+    if args.variable_length:  # the stop token is a position like any other: a response may end earlier or later
+        allowed[end_id] = True
+    base = (model_path, gguf_file, lm.base_model)  # the backbone module, shared by a frozen reward model
+
     if is_main and args.track:
         import wandb
 
@@ -837,44 +1104,23 @@ if __name__ == "__main__":
             name=run_name[0],
             save_code=True,
         )
+    if is_main and not os.path.exists(run_dir):
+        NEW_RUN_DIRS.append(run_dir)
     writer = SummaryWriter(run_dir if is_main else os.path.join(run_dir, f"rank{rank}"))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    tok = load_tokenizer(model_path, gguf_file)
-    lm = from_pretrained(AutoModelForCausalLM, model_path, gguf_file=gguf_file, dtype=dtype).to(device).eval()
-    lm.requires_grad_(False)
-    embed = lm.get_input_embeddings()
-    eos_list = {tok.eos_token_id} | set(np.atleast_1d(lm.generation_config.eos_token_id or []).tolist())
-    eos_ids = torch.tensor(sorted(eos_list), device=device)
-    allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=device)
-    allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens
-    allowed[torch.tensor(tok.all_special_ids, dtype=torch.long)] = False
-    if args.variable_length:  # EOS is a position like any other: the transport may end a response earlier or later
-        allowed[tok.eos_token_id] = True
-    train_rows, test_rows = load_preferences(args)
-
     # ALGO LOGIC: value learning (Bradley-Terry reward model on the base backbone)
     if args.reward_model:
-        rm, rm_info = RewardModel.load(args.reward_model, dtype)
+        rm, rm_info = RewardModel.load(args.reward_model, dtype, base)
         rm, rm_path = rm.to(device), args.reward_model
     else:
         rm_path = os.path.join(run_dir, "reward_model")
         if is_main:
-            rm = RewardModel(from_pretrained(AutoModel, model_path, gguf_file=gguf_file, dtype=dtype), args.rm_pooling).to(
-                device
-            )
+            rm = build_reward_model(model_path, gguf_file, lm, args, dtype)
             rm_info = train_reward_model(
-                rm, rm.backbone.get_input_embeddings(), tok, train_rows, test_rows, args, device, writer, tok.eos_token_id
+                rm, rm.backbone.get_input_embeddings(), tok, train_rows, test_rows, args, device, writer, end_id, bf16
             )
+            rm.backbone.to(dtype)  # a trained float32 backbone runs in the base model's dtype from here on
             ref = (
                 None
                 if args.rm_train_backbone
@@ -889,23 +1135,24 @@ if __name__ == "__main__":
         if world > 1:
             state.wait_for_everyone()
             if not is_main:
-                rm, rm_info = RewardModel.load(rm_path, dtype)
+                rm, rm_info = RewardModel.load(rm_path, dtype, base)
                 rm = rm.to(device)
     rm.eval().requires_grad_(False)
     rm_embed = rm.backbone.get_input_embeddings()
     if rm_embed.weight.shape != embed.weight.shape or not torch.equal(rm_embed.weight, embed.weight):
-        raise SystemExit("the reward model's token embeddings differ from the base model's: train it from --model")
+        raise VGFError("the reward model's token embeddings differ from the base model's: train it from --model")
     if "heldout_accuracy" not in rm_info or args.reward_model:
-        rm_info = dict(rm_info, **evaluate_reward_model(rm, embed, tok, test_rows, args, device, tok.eos_token_id))
+        rm_info = dict(rm_info, **evaluate_reward_model(rm, embed, tok, test_rows, args, device, end_id))
     print(f"reward model {rm_path}: held-out pairwise accuracy {rm_info['heldout_accuracy']:.3f}")
     writer.add_scalar("eval/rm_heldout_accuracy", rm_info["heldout_accuracy"], 0)
-    judge = Judge(args.judge, args, device, dtype, fallback=(tok, rm))
+    judge = Judge(args.judge, args, device, dtype, fallback=(tok, rm, end_id), shared=base)
 
     # ALGO LOGIC: reference sampler -> transport -> selection, on this process's share of held-out prompts
     seen, eval_rows = set(), []
     for r in test_rows:
-        if r["prompt"] not in seen and len(eval_rows) < args.num_eval_prompts:
-            seen.add(r["prompt"]), eval_rows.append(r)
+        key = json.dumps(r["prompt"])  # conversational prompts are lists of messages
+        if key not in seen and len(eval_rows) < args.num_eval_prompts:
+            seen.add(key), eval_rows.append(r)
     torch.manual_seed(args.seed + rank)
     n, T, mb, records, trajectories = args.num_particles, args.max_new_tokens, args.micro_batch_size, [], []
     spacing = table_spacing(embed.weight.detach(), allowed) if args.transport == "embed" else None
@@ -917,10 +1164,17 @@ if __name__ == "__main__":
         )
         pr_ids, pr_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
         gen = torch.cat(
-            [sample_responses(lm, pr_ids[i : i + mb], pr_mask[i : i + mb], T, args.temperature) for i in range(0, B * n, mb)]
+            [
+                sample_responses(lm, pr_ids[i : i + mb], pr_mask[i : i + mb], T, args.temperature, eos_ids)
+                for i in range(0, B * n, mb)
+            ]
         )
-        ref_ids, r_mask = truncate_at_eos(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
-        movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # fixed length: EOS stays
+        ref_ids, r_mask = truncate_at_eos(gen, eos_ids, tok.pad_token_id, end_id)
+        movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # fixed length: the stop token stays
+        if args.variable_length:  # room to grow up to max_new_tokens (+ the stop token)
+            ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=tok.pad_token_id)
+            r_mask, movable = (F.pad(x, (0, T + 1 - x.shape[1])) for x in (r_mask, movable))
+        sync(device)
         t_sample = time.time() - t0
         # the prompts' keys and values, once per prompt batch, for every particle and proposal of the transport
         rm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask) if args.kv_cache else None
@@ -928,36 +1182,37 @@ if __name__ == "__main__":
 
         def expand(ids):  # prompts, masks and prompt index of ids holding several proposals per particle
             prow = torch.arange(len(ids), device=ids.device) // (len(ids) // B)
-            mask = truncate_at_eos(ids, eos_ids, tok.pad_token_id, tok.eos_token_id)[1][:, :-1]  # up to the 1st EOS
+            is_eos = torch.isin(ids, eos_ids)
+            mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()  # up to and including the first stop token
             return p_ids[prow], p_mask[prow], mask, prow
 
         def reward_fn(ids, emb, grad):
             e = embed(ids).float() if emb is None else emb
             pi, pm, rmask, prow = expand(ids)
             with torch.set_grad_enabled(grad):
-                return rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad, cache=rm_cache, rows=prow)
+                out = rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad, cache=rm_cache, rows=prow)
+                return synced(device, out)
 
         def logprob_fn(ids, emb, top_k, grad):
             pi, pm, rmask, prow = expand(ids)
             if not grad:
                 lp, cand, cand_lp = token_logprobs(lm, embed, pi, pm, ids, rmask, allowed, mb, top_k, lm_cache, prow)
-                return lp, cand, cand_lp, None
+                return synced(device, (lp, cand, cand_lp, None))
             f = lambda a, b, c, d, e, r: response_logprobs(lm, embed, a, b, c, d, allowed, 0, e, True, lm_cache, r)
-            return chunked(f, len(ids), mb, pi, pm, ids, rmask, emb, prow)
+            return synced(device, chunked(f, len(ids), mb, pi, pm, ids, rmask, emb, prow))
 
         # one flow of max(L) steps, snapshotted at each L; time per L = sampling + scoring + steps up to L
         trace = [] if args.save_trajectories else None
         snaps = transport(
             ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed.weight.detach(), allowed, args,
-            eos_ids=eos_ids if args.variable_length else None, eos_id=tok.eos_token_id, spacing=spacing, trace=trace,
+            eos_ids=eos_ids if args.variable_length else None, eos_id=end_id, spacing=spacing, trace=trace,
         )
         ref = snaps[0]
-        step_secs = (snaps[max(steps)][3] - ref[3]) / max(1, max(steps))
         # chosen response of the dataset and plain sample (particle 0) as baselines
         ch_ids, ch_mask = (
             x.to(device)
             for x in pad(
-                [response_ids(tok, r["chosen"], args.rm_max_response_tokens, tok.eos_token_id) for r in rows],
+                [response_ids(tok, r["chosen"], args.rm_max_response_tokens, end_id) for r in rows],
                 tok.pad_token_id,
                 left=False,
             )
@@ -970,6 +1225,8 @@ if __name__ == "__main__":
             best, b_ids, b_R, b_nll, b_mask = select(snaps[L], ref, n, args.nll_filter and L > 0)
             moved = (torch.where(snaps[L][4].bool(), snaps[L][0], -1) != live_ref).any(1).view(B, n).float().mean(1)
             sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, mask=b_mask, secs=t_sample + snaps[L][3], moved=moved)
+        stage = dict(sampling=t_sample / B, scoring=snaps[0][3] / B)  # seconds per prompt
+        stage["transport_step"] = (snaps[max(steps)][3] - snaps[0][3]) / B / max(steps) if max(steps) else 0.0
         single = torch.arange(B, device=device) * n
         sample_nll = (-ref[2] / r_mask.sum(1).clamp(min=1))[single]
         prompts = [r["prompt"] for r in rows]
@@ -985,7 +1242,7 @@ if __name__ == "__main__":
                     judge_chosen=j_chosen[b],
                     nll_sample=sample_nll[b].item(),
                     nll_chosen=-ch_lp[b].item(),
-                    transport_seconds_per_step=step_secs / B,
+                    seconds_by_stage=stage,
                     vgf={},
                 )
             )
@@ -1023,7 +1280,7 @@ if __name__ == "__main__":
         print(
             f"prompts {start + B}/{len(eval_rows)} (rank {rank}): "
             + ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-B:]]):.3f}" for L in steps)
-            + f"; transport {step_secs:.1f} s/step"
+            + f"; transport {stage['transport_step']:.2f} s/step/prompt"
         )
 
     # Evaluation: gather, aggregate per L, print the table, write summary.json, samples.jsonl and the plot
@@ -1075,7 +1332,10 @@ if __name__ == "__main__":
                 judge_se=se([r["judge_chosen"] for r in records]),
                 nll_per_token=float(np.mean([r["nll_chosen"] for r in records])),
             ),
-            transport_seconds_per_step_per_prompt=float(np.mean([r["transport_seconds_per_step"] for r in records])),
+            seconds_per_prompt_by_stage={
+                k: float(np.mean([r["seconds_by_stage"][k] for r in records]))
+                for k in ("sampling", "scoring", "transport_step")
+            },
             transport=results,
             args=asdict(args),
         )
@@ -1096,7 +1356,7 @@ if __name__ == "__main__":
                 f"{x['win_rate_vs_best_of_n']:>9.2f}{x['win_rate_vs_sample']:>9.2f}{x['tokens_changed']:>9.2f}"
                 f"{x['length']:>8.1f}{x['seconds_per_prompt']:>10.2f}"
             )
-        print(f"transport: {summary['transport_seconds_per_step_per_prompt']:.2f} s per step and prompt")
+        print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["seconds_per_prompt_by_stage"].items()))
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -1110,3 +1370,23 @@ if __name__ == "__main__":
         plot_reward_vs_nll([summary], run_dir)
         print(f"wrote {run_dir}/summary.json, samples.jsonl and reward_vs_nll.png")
     writer.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        args = tyro.cli(Args)
+        if args.plot_runs:  # only the comparison plot of finished runs
+            missing = [d for d in args.plot_runs if not os.path.isfile(os.path.join(d, "summary.json"))]
+            if missing:
+                raise VGFError(f"--plot-runs: no summary.json in {missing}; pass finished run folders")
+            runs = [json.load(open(os.path.join(d, "summary.json"))) for d in args.plot_runs]
+            plot_reward_vs_nll(runs, args.output_dir)
+        else:
+            main(args)
+    except VGFError as e:
+        for d in NEW_RUN_DIRS:  # keep a reward model that was already trained and saved
+            if not os.path.exists(os.path.join(d, "summary.json")) and not os.path.exists(os.path.join(d, "reward_model")):
+                shutil.rmtree(d, ignore_errors=True)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

