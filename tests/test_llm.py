@@ -150,10 +150,21 @@ def test_end_to_end_cli(tiny_setup):
         "embed",
         "--step-size",
         "0.5",
+        "--save-trajectories",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = check_outputs(tiny_setup / "runs" / "reuse")
     assert summary["judge"] == str(rm_dir)
+    # every particle's trajectory: N particles x (max L + 1) steps of text, R and NLL per prompt
+    rows = [json.loads(x) for x in open(tiny_setup / "runs" / "reuse" / "trajectories.jsonl")]
+    assert len(rows) == 3 and all(len(r["particles"]) == 3 for r in rows)
+    assert all(len(p) == max(STEPS) + 1 and all(math.isfinite(s["reward"] + s["nll"]) for s in p)
+               for r in rows for p in r["particles"])
+    assert (tiny_setup / "runs" / "reuse" / "reward_vs_nll.png").stat().st_size > 1000
+    runs = [str(tiny_setup / "runs" / name) for name in ("train", "reuse")]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--plot-runs", *runs, "--output-dir",
+                          str(tiny_setup / "plot")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and (tiny_setup / "plot" / "reward_vs_nll.png").is_file(), out.stderr[-2000:]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
