@@ -108,7 +108,8 @@ class Args:
     num_proposals: int = 4
     """topk transport: single-token moves per particle and step that are re-scored exactly"""
     project_every_step: bool = True
-    """embed transport: snap the particles to their nearest allowed tokens after every step (else only to decode)"""
+    """embed: score R on the decoded tokens and snap a position onto its token when it changes (else R of the
+    continuous embeddings, decoded only at the end)"""
     variable_length: bool = True
     """EOS is a candidate like any other token: responses shorten, or grow one token per step, within max_new_tokens"""
     nll_filter: bool = True
@@ -827,12 +828,12 @@ def transport(
                     new = nearest_candidates(u.detach(), torch.cat([ids[..., None], cand], -1), table)
                 else:
                     new = nearest_tokens(u.detach(), table, allowed)
-                ids = torch.where(mov, new, ids)
+                prev, ids = ids, torch.where(mov, new, ids)
                 if eos_ids is not None:
                     ids, ends = end_at_eos(ids, ends, eos_ids, eos_id)
-                if args.project_every_step:
+                if args.project_every_step:  # a position that changed token snaps onto it; others keep their offset
                     with torch.no_grad():
-                        u.copy_(table[ids])
+                        u.copy_(torch.where((ids != prev)[..., None], table[ids], u))
             if hard_grad and step < max(steps):
                 R, g_next = reward_fn(ids, table[ids], True)
             else:

@@ -142,7 +142,8 @@ def test_kernel_repulsion_keeps_particles_apart(setup, mode, monkeypatch):
         ids = snap[0].view(setup["B"], setup["n"], -1)
         return sum(len({tuple(x.tolist()) for x in p}) for p in ids)
 
-    args = args_for(mode, alpha=1.0, step_size=0.5 if mode == "soft" else 1.0, top_k=VOCAB - 1)
+    args = args_for(mode, alpha=1.0 if mode == "soft" else 10.0, step_size=0.5 if mode == "soft" else 1.0,
+                    top_k=VOCAB - 1)
     with_rep = distinct(run(setup, args, wants(TARGET, setup), [8], variable_length=False, full=True)[8])
     plain = vgf_llm.svgd_direction
     monkeypatch.setattr(vgf_llm, "svgd_direction", lambda x, score: plain(x, score) - plain(x, torch.zeros_like(score)))
