@@ -52,7 +52,8 @@ class Args:
     gguf_file: Optional[str] = None
     """name of a GGUF file inside the --model folder (de-quantised on load)"""
     dataset: str = "Anthropic/hh-rlhf"
-    """preference data: a hub dataset (Anthropic HH, TL;DR preferences) or a local JSONL with prompt, chosen, rejected"""
+    """preference data: a hub dataset or dataset folder (Anthropic HH, TL;DR preferences) or a local JSONL with
+    prompt, chosen, rejected"""
     dataset_config: Optional[str] = None
     """configuration of a hub dataset that has several (e.g. `comparisons` for openai/summarize_from_feedback)"""
     dataset_subset: Optional[str] = None
@@ -131,7 +132,8 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass"""
     judge: Optional[str] = None
-    """scorer not used for transport: `vader`, a reward-model folder or a hub classifier id (default: the transport RM, flagged)"""
+    """scorer not used for transport: `vader`, a reward-model folder or a hub classifier id (default: the transport
+    RM, flagged)"""
 
 
 # TRY NOT TO MODIFY: loading models and data, with errors that say what to do
@@ -143,8 +145,9 @@ SHORT_NAMES = {"Qwen": "Qwen/", "SmolLM": "HuggingFaceTB/", "Llama": "meta-llama
 
 
 def looks_local(name: str):
-    """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or with a file suffix."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.path.splitext(name)[1] != ""
+    """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or a data/model file."""
+    files = (".gguf", ".jsonl", ".json", ".parquet", ".csv", ".txt")
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.lower().endswith(files)
 
 
 def resolve_model(name: str, gguf_file: Optional[str]):
@@ -279,7 +282,8 @@ def preference_row(r):
         return dict(prompt=r["prompt"], chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"]))
     if "summaries" in r:
         k = int(r["choice"])
-        return dict(prompt=tldr_prompt(r["info"]), chosen=r["summaries"][k]["text"], rejected=r["summaries"][1 - k]["text"])
+        texts = [x["text"] for x in r["summaries"]]
+        return dict(prompt=tldr_prompt(r["info"]), chosen=texts[k], rejected=texts[1 - k])
     if not isinstance(r["chosen"], str):  # implicit prompt: the shared messages before the last one
         return dict(prompt=r["chosen"][:-1], chosen=r["chosen"][-1]["content"], rejected=r["rejected"][-1]["content"])
     (p, c), (_, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
@@ -289,8 +293,9 @@ def preference_row(r):
 def check_dataset(args):
     """Fails before any model loads when --dataset names a local file or folder that is not there."""
     if not os.path.exists(args.dataset) and looks_local(args.dataset):
-        raise VGFError(f"--dataset {args.dataset}: no such file or folder (a local JSONL, a dataset folder or a hub id)")
-    local_jsonl = os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config
+        raise VGFError(f"--dataset {args.dataset}: no such file or folder (pass a JSONL, a dataset folder or a hub id)")
+    is_jsonl = os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json"))
+    local_jsonl = is_jsonl and not args.dataset_config
     if not local_jsonl and importlib.util.find_spec("datasets") is None:
         raise VGFError(f"--dataset {args.dataset}: hub datasets need the `datasets` package (`pip install datasets`)")
 
@@ -323,7 +328,7 @@ def load_preferences(args):
     if "train" not in ds:
         raise VGFError(f"--dataset {args.dataset}: no `train` split (found {sorted(ds)})")
     cols = set(ds["train"].column_names)
-    if not ({"prompt", "chosen", "rejected"} <= cols or {"chosen", "rejected"} <= cols or {"info", "summaries"} <= cols):
+    if not ({"chosen", "rejected"} <= cols or {"info", "summaries", "choice"} <= cols):
         raise VGFError(f"--dataset {args.dataset}: unknown schema {sorted(cols)}; expected prompt/chosen/rejected, "
                        "HH-style chosen/rejected transcripts, or summarize_from_feedback's info/summaries/choice")
     test_split = next((s for s in ("test", "validation", "valid") if s in ds), None)
@@ -560,9 +565,8 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
             b = order[i : i + args.rm_batch_size]
             if args.rm_train_backbone:
                 with autocast:
-                    rc, rr = pair_rewards(
-                        rm, embed, [p[k] for k in b], [c[k] for k in b], [j[k] for k in b], tok.pad_token_id, device, 10**9
-                    )
+                    pb, cb, jb = [p[k] for k in b], [c[k] for k in b], [j[k] for k in b]
+                    rc, rr = pair_rewards(rm, embed, pb, cb, jb, tok.pad_token_id, device, 10**9)
             else:
                 rc, rr = rm.head(fc[b]).squeeze(-1), rm.head(fr[b]).squeeze(-1)
             loss, acc = bradley_terry_loss(rc, rr)
@@ -617,13 +621,17 @@ def sample_responses(lm, p_ids, p_mask, num_new, temperature, stop_ids):
     tokens, done = [], torch.zeros(len(p_ids), dtype=torch.bool, device=p_ids.device)
     for t in range(num_new):
         logits = out.logits[:, -1].float()
-        nxt = logits.argmax(-1, keepdim=True) if temperature == 0 else torch.multinomial((logits / temperature).softmax(-1), 1)
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial((logits / temperature).softmax(-1), 1)
         tokens.append(nxt)
         done |= torch.isin(nxt[:, 0], stop_ids)
         if t + 1 == num_new or bool(done.all()):
             break
         mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos[:, -1:] + 1
-        out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+        cache = out.past_key_values
+        out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
     tokens = torch.cat(tokens, 1)
     return F.pad(tokens, (0, num_new - tokens.shape[1]), value=int(stop_ids[0]))
 
@@ -926,7 +934,8 @@ class Judge:
                 ]
                 enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
             else:
-                enc = self.tok([prompt_text(p) for p in prompts], responses, return_tensors="pt", padding=True, truncation=True)
+                texts = [prompt_text(p) for p in prompts]
+                enc = self.tok(texts, responses, return_tensors="pt", padding=True, truncation=True)
             logits = self.model(**enc.to(self.device)).logits.float()
             if logits.shape[1] == 1:
                 return logits[:, 0].tolist()
@@ -1023,11 +1032,12 @@ def check_args(args):
         if not getattr(args, name) > 0:
             raise VGFError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     if not args.temperature >= 0 or not math.isfinite(args.lm_coef):
-        raise VGFError(f"--temperature must be non-negative and --lm-coef finite (got {args.temperature}, {args.lm_coef})")
+        raise VGFError(f"--temperature must be >= 0 and --lm-coef finite (got {args.temperature}, {args.lm_coef})")
     if not args.transport_steps or min(args.transport_steps) < 0:
         raise VGFError("--transport-steps needs non-negative integers, e.g. 0 1 2 4 8")
     if args.reward_model and not os.path.isfile(os.path.join(args.reward_model, "vgf_reward.json")):
-        raise VGFError(f"--reward-model {args.reward_model}: not a reward-model folder of this program (no vgf_reward.json)")
+        raise VGFError(f"--reward-model {args.reward_model}: not a reward-model folder of this program "
+                       "(no vgf_reward.json)")
     if args.judge and args.judge != "vader" and not os.path.exists(args.judge) and looks_local(args.judge):
         raise VGFError(f"--judge {args.judge}: no such folder")
 
@@ -1108,7 +1118,8 @@ def main(args):
     if is_main and not os.path.exists(run_dir):
         NEW_RUN_DIRS.append(run_dir)
     writer = SummaryWriter(run_dir if is_main else os.path.join(run_dir, f"rank{rank}"))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % table)
 
     # ALGO LOGIC: value learning (Bradley-Terry reward model on the base backbone)
     if args.reward_model:
@@ -1130,9 +1141,8 @@ def main(args):
                     "gguf_file": gguf_file,
                 }
             )
-            rm.save(
-                rm_path, tok, dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs)), ref
-            )
+            info = dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs))
+            rm.save(rm_path, tok, info, ref)
         if world > 1:
             state.wait_for_everyone()
             if not is_main:
@@ -1357,7 +1367,8 @@ def main(args):
                 f"{x['win_rate_vs_best_of_n']:>9.2f}{x['win_rate_vs_sample']:>9.2f}{x['tokens_changed']:>9.2f}"
                 f"{x['length']:>8.1f}{x['seconds_per_prompt']:>10.2f}"
             )
-        print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["seconds_per_prompt_by_stage"].items()))
+        stages = summary["seconds_per_prompt_by_stage"]
+        print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -1387,7 +1398,7 @@ if __name__ == "__main__":
             main(args)
     except VGFError as e:
         for d in NEW_RUN_DIRS:  # keep a reward model that was already trained and saved
-            if not os.path.exists(os.path.join(d, "summary.json")) and not os.path.exists(os.path.join(d, "reward_model")):
+            if not any(os.path.exists(os.path.join(d, f)) for f in ("summary.json", "reward_model")):
                 shutil.rmtree(d, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -350,6 +350,10 @@ def test_cli_errors_before_loading_and_no_run_folder(tiny_setup, tmp_path):
         out = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), *extra)
         assert out.returncode == 2 and out.stderr.startswith("error: ") and msg in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+    # hub ids and short names are not mistaken for missing paths
+    assert vgf_llm.resolve_model("Qwen2.5-1.5B", None) == ("Qwen/Qwen2.5-1.5B", None)
+    assert vgf_llm.resolve_model("Qwen/Qwen2.5-1.5B", None) == ("Qwen/Qwen2.5-1.5B", None)
+    assert not vgf_llm.looks_local("Anthropic/hh-rlhf") and vgf_llm.looks_local("data/prefs.jsonl")
 
 
 def test_end_of_turn_stops_responses_and_never_moves():
@@ -398,10 +402,8 @@ def test_hub_schemas_subsets_and_shuffling(tmp_path):
     hh = tmp_path / "hh"
     for sub in ("helpful-base", "harmless-base"):
         for split in ("train", "test"):
-            rows = [
-                dict(chosen=f"\n\nHuman: {sub} q{i}?\n\nAssistant: yes {i}", rejected=f"\n\nHuman: {sub} q{i}?\n\nAssistant: no")
-                for i in range(20)
-            ]
+            ask = lambda i: f"\n\nHuman: {sub} q{i}?\n\nAssistant:"
+            rows = [dict(chosen=f"{ask(i)} yes {i}", rejected=f"{ask(i)} no") for i in range(20)]
             write_rows(str(hh / sub / f"{split}.jsonl"), rows)
     train, test = vgf_llm.load_preferences(args(dataset=str(hh)))
     assert len(train) == 10 and len(test) == 8
@@ -436,7 +438,8 @@ def test_hub_schemas_subsets_and_shuffling(tmp_path):
     for r in train:
         i = int(r["prompt"].split("POST: post ")[1].split("\n")[0])
         assert r["prompt"] == f"SUBREDDIT: r/tifu\nTITLE: title {i}\nPOST: post {i}\nTL;DR:"
-        assert (r["chosen"], r["rejected"]) == ((f"first {i}", f"second {i}") if i % 2 == 0 else (f"second {i}", f"first {i}"))
+        pair = (f"first {i}", f"second {i}")
+        assert (r["chosen"], r["rejected"]) == (pair if i % 2 == 0 else pair[::-1])
     # trl-lib/tldr-preference (strings, parquet) and conversational rows (messages keep their roles)
     import pandas as pd
 
@@ -486,7 +489,8 @@ def test_bf16_backbone_training_moves_float32_weights(tiny_setup):
     lm = AutoModelForCausalLM.from_pretrained(tiny_setup / "model", dtype=torch.bfloat16)
     tok = qwen_tokenizer()
     args = vgf_llm.Args(rm_train_backbone=False)
-    assert vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.bfloat16).backbone is lm.base_model
+    frozen = vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.bfloat16)
+    assert frozen.backbone is lm.base_model
     args = vgf_llm.Args(rm_train_backbone=True, rm_lr=1e-5, rm_batch_size=2, rm_eval_pairs=2, rm_train_pairs=20)
     rm = vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.bfloat16)
     before = {k: v.clone() for k, v in rm.backbone.named_parameters() if v.requires_grad and "embed" not in k}
@@ -496,7 +500,8 @@ def test_bf16_backbone_training_moves_float32_weights(tiny_setup):
     class NoWriter:
         add_scalar = staticmethod(lambda *a: None)
 
-    vgf_llm.train_reward_model(rm, rm.backbone.get_input_embeddings(), tok, rows, rows[:2], args, "cpu", NoWriter(), 1, True)
+    embed = rm.backbone.get_input_embeddings()
+    vgf_llm.train_reward_model(rm, embed, tok, rows, rows[:2], args, "cpu", NoWriter(), 1, bf16=True)
     after = dict(rm.backbone.named_parameters())
     changed = sum(int((after[k] != v).sum()) for k, v in before.items()) / sum(v.numel() for v in before.values())
     assert changed > 0.95, changed  # about 0.15 when the same steps update bfloat16 weights
