@@ -97,7 +97,7 @@ class Args:
     step_size: float = 0.5
     """epsilon, the Adam learning rate: in logit units (soft) or in nearest-neighbour distances of the table (embed)"""
     alpha: float = 0.1
-    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha); R is standardised, so alpha is in reward std units"""
+    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units (R is standardised)"""
     lm_coef: float = 0.0
     """weight of grad log mu in the score (soft, embed) or of log mu in the acceptance (topk); 0 = the official score"""
     top_k: int = 8
@@ -725,7 +725,7 @@ def nearest_candidates(u, cand, table):
 
 
 def table_spacing(table, allowed, sample=2048, chunk=256):
-    """Median distance from an allowed token's embedding to its nearest allowed neighbour: the unit of the embed step."""
+    """Median distance from an allowed token's embedding to its nearest allowed neighbour (the embed step's unit)."""
     idx = allowed[: len(table)].nonzero().flatten()
     g = torch.Generator().manual_seed(0)
     pick = idx[torch.randperm(len(idx), generator=g)[:sample].to(idx.device)]
@@ -889,7 +889,8 @@ def select(snap, ref, n, nll_filter):
         ref_ids, ref_R, ref_lp, _, ref_mask = ref
         ref_nll = -ref_lp / ref_mask.sum(1).clamp(min=1)
         bad = (nll.view(-1, n) > ref_nll.view(-1, n).max(1, keepdim=True).values + 1e-6).flatten()
-        ids, R, nll = torch.where(bad[:, None], ref_ids, ids), torch.where(bad, ref_R, R), torch.where(bad, ref_nll, nll)
+        ids, R = torch.where(bad[:, None], ref_ids, ids), torch.where(bad, ref_R, R)
+        nll = torch.where(bad, ref_nll, nll)
         mask = torch.where(bad[:, None], ref_mask, mask)
     best = R.view(-1, n).argmax(1) + torch.arange(len(R) // n, device=R.device) * n
     return best, ids[best], R[best], nll[best], mask[best]
@@ -968,7 +969,8 @@ def plot_reward_vs_nll(summaries, folder):
         Ls = sorted(int(L) for L in s["transport"])
         res = [s["transport"][str(L)] for L in Ls]
         for ax, key, err in zip(axes, ("judge", "nll_per_token"), ("judge_diff_se", "nll_diff_se")):
-            ax.errorbar(Ls, [r[key] for r in res], yerr=[r.get(err, 0) for r in res], marker="o", capsize=3, label=label)
+            yerr = [r.get(err, 0) for r in res]
+            ax.errorbar(Ls, [r[key] for r in res], yerr=yerr, marker="o", capsize=3, label=label)
     axes[0].set(xlabel="transport steps L (0 = best-of-N)", ylabel=f"judge ({summaries[0]['judge']})")
     axes[1].set(xlabel="transport steps L (0 = best-of-N)", ylabel="NLL / token under mu")
     axes[0].legend(fontsize=8)

@@ -208,7 +208,8 @@ def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
 
 
 def toy_args(**kw):
-    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5, project_every_step=False)
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5,
+                project_every_step=False)
     base.update(kw)
     return vgf_llm.Args(**base)
 
