@@ -91,10 +91,10 @@ class Args:
     """N: responses drawn from the base model per prompt"""
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
-    transport: Literal["soft", "embed", "topk"] = "soft"
+    transport: Literal["soft", "embed", "topk"] = "embed"
     """particle space: soft (per-position logits over mu's top-k tokens), embed (token embeddings projected to mu's
     top-k), topk (baseline: greedy single-token swaps ranked by the SVGD direction, accepted when log pi* rises)"""
-    step_size: float = 0.5
+    step_size: float = 1.0
     """epsilon, the Adam learning rate: in logit units (soft) or in nearest-neighbour distances of the table (embed)"""
     alpha: float = 0.1
     """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units (R is standardised)"""

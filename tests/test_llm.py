@@ -132,7 +132,7 @@ def check_outputs(run_dir):
 
 def test_end_to_end_cli(tiny_setup):
     """Trains a reward model, samples, transports and evaluates through the real entry point; then reuses the
-    reward model with the embedding-space transport and the saved reward model as judge."""
+    reward model with the soft-token transport and the saved reward model as judge."""
     out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3", "--rm-pooling", "mean")
     assert out.returncode == 0, out.stderr[-3000:]
     check_outputs(tiny_setup / "runs" / "train")
@@ -147,7 +147,7 @@ def test_end_to_end_cli(tiny_setup):
         "--judge",
         str(rm_dir),
         "--transport",
-        "embed",
+        "soft",
         "--step-size",
         "0.5",
         "--save-trajectories",
