@@ -965,7 +965,8 @@ def plot_reward_vs_nll(summaries, folder):
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for s in summaries:
         a = s["args"]
-        label = f"{a['transport']} ε {a['step_size']:g}" + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] else "")
+        label = a["transport"] + (f" ε {a['step_size']:g}" if a["transport"] != "topk" else "")  # topk takes no ε
+        label += f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] else ""
         Ls = sorted(int(L) for L in s["transport"])
         res = [s["transport"][str(L)] for L in Ls]
         for ax, key, err in zip(axes, ("judge", "nll_per_token"), ("judge_diff_se", "nll_diff_se")):
