@@ -2,6 +2,7 @@
 # N responses from the base model and transports them toward pi* ∝ mu · exp(R / alpha) with SVGD.
 # Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
 # Stages, in the paper's order: value learning -> reference sampler -> transport -> evaluation.
+import contextlib
 import importlib.util
 import json
 import math
@@ -90,22 +91,36 @@ class Args:
     """N: responses drawn from the base model per prompt"""
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
-    transport: Literal["topk", "embed"] = "topk"
-    """topk: SVGD direction ranks swaps to the base model's top-k tokens, kept if R/alpha + log mu rises; embed: SVGD on token embeddings"""
-    step_size: float = 0.05
-    """epsilon: Adam learning rate of the embedding flow (--transport embed)"""
+    transport: Literal["soft", "embed", "topk"] = "embed"
+    """particle space: soft (per-position logits over mu's top-k tokens), embed (token embeddings projected to mu's
+    top-k), topk (baseline: greedy single-token swaps ranked by the SVGD direction, accepted when log pi* rises)"""
+    step_size: float = 1.0
+    """epsilon, the Adam learning rate: in logit units (soft) or in nearest-neighbour distances of the table (embed)"""
     alpha: float = 0.1
-    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha); R is standardised, so alpha is in reward std units"""
-    lm_coef: float = 1.0
-    """weight of log mu in the target: acceptance score (topk) or extra score term grad log mu (embed)"""
+    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units (R is standardised)"""
+    lm_coef: float = 0.0
+    """weight of grad log mu in the score (soft, embed) or of log mu in the acceptance (topk); 0 = the official score"""
     top_k: int = 8
-    """topk transport: candidate tokens per position from the base model's next-token distribution"""
+    """tokens of the base model's next-token distribution a position may move to (0 = the whole vocabulary, embed)"""
+    soft_margin: float = 1.0
+    """soft: initial logit of the sampled token above the most likely other candidate (others start at log mu)"""
+    straight_through: bool = True
+    """soft: score R on the decoded argmax tokens, gradient through the softmax relaxation (else R of the mixture)"""
     num_proposals: int = 4
     """topk transport: single-token moves per particle and step that are re-scored exactly"""
-    project_every_step: bool = False
-    """embed transport: snap the particles to their nearest tokens after every step"""
+    project_every_step: bool = True
+    """embed: score R on the decoded tokens and snap a position onto its token when it changes (else R of the
+    continuous embeddings, decoded only at the end)"""
+    variable_length: bool = True
+    """EOS is a candidate like any other token: responses shorten, or grow one token per step, within max_new_tokens"""
     nll_filter: bool = True
     """replace a transported particle by its reference sample when its NLL/token exceeds every reference sample's"""
+    kv_cache: bool = True
+    """compute the prompts' keys and values once per prompt batch and run only the responses in the transport"""
+    save_trajectories: bool = False
+    """write every particle's text, R and NLL/token after every transport step to trajectories.jsonl"""
+    plot_runs: list[str] = field(default_factory=list)
+    """only draw reward_vs_nll.png into --output-dir from these run folders (one line per run), then exit"""
     max_new_tokens: int = 64
     """fixed generation length; responses are truncated after their first EOS"""
     temperature: float = 1.0
@@ -389,16 +404,20 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, inputs_embeds, attention_mask, num_response):
+    def forward(self, inputs_embeds, attention_mask, num_response, past_key_values=None):
         """R from the hidden state at the last attended position (or the mean over the last num_response positions,
-        the response); padding is masked, so it never reaches the score."""
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        h = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
-        h = h.last_hidden_state.float()
+        the response); padding is masked, so it never reaches the score. With past_key_values (the prompt's cache),
+        inputs_embeds holds only the response and attention_mask covers prompt and response."""
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        h = self.backbone(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=past_key_values is not None,
+        ).last_hidden_state.float()
         if self.pooling == "mean":
             m = attention_mask[:, -num_response:, None].float()
             return self.head((h[:, -num_response:] * m).sum(1) / m.sum(1).clamp(min=1)).squeeze(-1)
         last = (torch.arange(attention_mask.shape[1], device=attention_mask.device) * attention_mask).argmax(1)
+        last = last - (attention_mask.shape[1] - h.shape[1])  # index into h when the prompt came from the cache
         return self.head(h[torch.arange(len(last)), last]).squeeze(-1)
 
     def save(self, folder, tok, info, backbone_ref=None):
@@ -453,26 +472,48 @@ def joint_embeds(embed, p_ids, p_mask, r_emb, r_mask):
     return x, torch.cat([p_mask, r_mask], 1)
 
 
+@torch.no_grad()
+def prompt_cache(model, embed, p_ids, p_mask):
+    """Keys and values of the fixed prompts (and the base model's logits after them), computed once per prompt batch
+    and reused by every particle and proposal of the transport, which then runs only the responses."""
+    kw = dict(logits_to_keep=1) if model.get_output_embeddings() is not None else {}
+    pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(inputs_embeds=embed(p_ids), attention_mask=p_mask, position_ids=pos, use_cache=True, **kw)
+    pkv = out.past_key_values
+    kv = [(x.keys, x.values) for x in pkv.layers] if hasattr(pkv, "layers") else [tuple(x[:2]) for x in pkv]
+    return dict(kv=kv, logits=out.logits[:, -1].float() if kw else None)
+
+
+def cache_rows(cache, rows):
+    """A fresh cache holding the prompts of `rows` (index_select copies: the stored keys and values never change)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k[rows], v[rows]) for k, v in cache["kv"]])
+
+
 def chunked(fn, n, size, *tensors):
-    outs = [fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)]
+    pick = lambda t, i: t[i : i + size] if isinstance(t, torch.Tensor) else t
+    outs = [fn(*(pick(t, i) for t in tensors)) for i in range(0, n, size)]
     return [torch.cat(o) for o in zip(*outs)] if isinstance(outs[0], tuple) else torch.cat(outs)
 
 
-def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False):
-    """R(x, y) for token ids, or for continuous response embeddings r_emb (with dR/dr_emb when grad)."""
+def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False, cache=None, rows=None):
+    """R(x, y) for token ids, or for continuous response embeddings r_emb (with dR/dr_emb when grad). With cache
+    (`prompt_cache` of rm.backbone) and rows (each sequence's index into it), only the response is run."""
     dtype = embed.weight.dtype
 
-    def one(pi, pm, ri, rm_, re):
-        re = embed(ri) if re is None else re
-        if not grad:
-            return rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_), rm_.shape[1])
-        re = re.detach().requires_grad_(True)
-        r = rm(*joint_embeds(embed, pi, pm, re.to(dtype), rm_), rm_.shape[1])
-        return r.detach(), torch.autograd.grad(r.sum(), re)[0]
+    def one(pi, pm, ri, rm_, re, rw):
+        re = embed(ri) if re is None else re.detach().to(dtype).requires_grad_(grad)  # (R trains through the head)
+        with torch.enable_grad() if grad else contextlib.nullcontext():
+            if cache is None:
+                r = rm(*joint_embeds(embed, pi, pm, re, rm_), rm_.shape[1])
+            else:
+                r = rm(re, torch.cat([pm, rm_], 1), rm_.shape[1], past_key_values=cache_rows(cache, rw))
+        return (r.detach(), torch.autograd.grad(r.sum(), re)[0].float()) if grad else r
 
-    if r_emb is None:
-        return chunked(lambda a, b, c, d: one(a, b, c, d, None), len(r_ids), mb, p_ids, p_mask, r_ids, r_mask)
-    return chunked(one, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, r_emb)
+    if rows is None:
+        rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device)
+    return chunked(one, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, r_emb, rows)
 
 
 def bradley_terry_loss(r_chosen, r_rejected):
@@ -606,27 +647,45 @@ def truncate_at_eos(tokens, eos_ids, pad_id, eos_id):
     return tokens.masked_fill(after, pad_id)[:, :width], (~after).long()[:, :width]
 
 
-def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, r_emb=None, grad=False):
-    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position, and optionally
-    d/dr_emb of sum_t log mu(y_t | x, r_emb_<t) (the score of the base model along the context)."""
+def response_logprobs(
+    lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, r_emb=None, grad=False, cache=None, rows=None
+):
+    """log mu(y_t | x, y_<t) per response token; the top-k allowed next tokens at each position and their log mu;
+    optionally d/dr_emb of sum_t log mu(y_t | x, r_emb_<t) (the score of the base model along the context).
+    With cache (`prompt_cache` of lm) and rows, only the response is run."""
     T, dtype = r_ids.shape[1], embed.weight.dtype
     re = (embed(r_ids) if r_emb is None else r_emb).detach().float().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
-        x, m = joint_embeds(embed, p_ids, p_mask, re.to(dtype), r_mask)
-        logits = lm(
-            inputs_embeds=x, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0), logits_to_keep=T + 1
-        ).logits
-        logits = logits[:, :-1].float()  # position P-1+t predicts response token t
-        logp = logits.log_softmax(-1).gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
+        if cache is None:
+            x, m = joint_embeds(embed, p_ids, p_mask, re.to(dtype), r_mask)
+            pos = (m.cumsum(1) - 1).clamp(min=0)
+            logits = lm(inputs_embeds=x, attention_mask=m, position_ids=pos, logits_to_keep=T + 1).logits
+            logits = logits[:, :-1].float()  # position P-1+t predicts response token t
+        else:  # the prompt's last position (cached) predicts token 0; response positions 0..T-2 predict 1..T-1
+            logits = cache["logits"][rows][:, None]
+            if T > 1:
+                m = torch.cat([p_mask, r_mask[:, :-1]], 1)
+                pos = (m.cumsum(1) - 1).clamp(min=0)[:, -(T - 1) :]
+                out = lm(inputs_embeds=re[:, :-1].to(dtype), attention_mask=m, position_ids=pos,
+                         past_key_values=cache_rows(cache, rows), use_cache=True)
+                logits = torch.cat([logits, out.logits.float()], 1)
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
         g = torch.autograd.grad(logp.sum(), re)[0] if grad else torch.zeros(0)
-    cand = logits.masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices if top_k else torch.zeros(0)
-    return logp.detach(), cand, g
+    cand, cand_lp = torch.zeros(0), torch.zeros(0)
+    if top_k:
+        cand = logits.detach().masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices
+        cand_lp = logp_all.detach().gather(-1, cand)
+    return logp.detach(), cand, cand_lp, g
 
 
-def token_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, mb, top_k=0):
+def token_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, mb, top_k=0, cache=None, rows=None):
+    """log mu per response token and (top_k > 0) the top-k candidates and their log mu, without gradients."""
+    if rows is None:
+        rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device)
     with torch.no_grad():
-        f = lambda a, b, c, d: response_logprobs(lm, embed, a, b, c, d, allowed, top_k)[:2]
-        return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask)
+        f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, top_k, cache=cache, rows=e)[:3]
+        return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, rows)
 
 
 # ALGO LOGIC: SVGD, phi(x_i) = (1/N) sum_j [k(x_j, x_i) grad R(x_j) / alpha + grad_{x_j} k(x_j, x_i)]
@@ -658,77 +717,183 @@ def nearest_tokens(u, table, allowed, chunk=4096):
     return torch.cat(ids).view(u.shape[:-1])
 
 
-def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args):
-    """Moves the N reference particles of each prompt for max(steps) SVGD steps and snapshots the particles (tokens,
-    R, sum log mu) at every L in steps. ref_ids (B*N, T); reward_fn(ids, emb, grad) -> R [, dR/demb];
-    logprob_fn(ids, emb, top_k, grad) -> (log mu per token, top-k candidates, d log mu / demb)."""
+def nearest_candidates(u, cand, table):
+    """Nearest token of each embedding u (..., d) among its own candidates cand (..., k): the projection onto the set
+    the base model allows at that position (as clipping to the action box [-1, 1] offline)."""
+    d2 = (table[cand].float() - u[..., None, :].float()).pow(2).sum(-1)
+    return cand.gather(-1, d2.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def table_spacing(table, allowed, sample=2048, chunk=256):
+    """Median distance from an allowed token's embedding to its nearest allowed neighbour (the embed step's unit)."""
+    idx = allowed[: len(table)].nonzero().flatten()
+    g = torch.Generator().manual_seed(0)
+    pick = idx[torch.randperm(len(idx), generator=g)[:sample].to(idx.device)]
+    t, near = table.float(), []
+    sq = t[idx].pow(2).sum(-1)
+    for i in range(0, len(pick), chunk):
+        a = t[pick[i : i + chunk]]
+        d2 = (a.pow(2).sum(-1, keepdim=True) + sq - 2 * a @ t[idx].T).clamp(min=0)
+        near.append(d2.topk(2, -1, largest=False).values[:, 1].sqrt())  # [0] is the token itself
+    return torch.cat(near).median().item()
+
+
+def first_eos(ids, eos_ids):
+    """Index of each response's first EOS (its length - 1); the last position when it has none."""
+    is_eos = torch.isin(ids, eos_ids)
+    return torch.where(is_eos.any(1), is_eos.float().argmax(1), ids.shape[1] - 1)
+
+
+def end_at_eos(ids, ends, eos_ids, eos_id):
+    """Length change: a response ends at its first EOS; one whose EOS became another token grows by one token (EOS
+    after it), within the budget of T positions."""
+    first = first_eos(ids, eos_ids)
+    grow = first > ends
+    new = torch.where(grow, (ends + 1).clamp(max=ids.shape[1] - 1), first)
+    at_new = torch.arange(ids.shape[1], device=ids.device) == new[:, None]
+    return torch.where(grow[:, None] & at_new, eos_id, ids), new
+
+
+def transport(
+    ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args,
+    eos_ids=None, eos_id=None, spacing=None, trace=None,
+):
+    """Moves the N reference particles of each prompt for max(steps) SVGD steps; snapshots (tokens, R, sum log mu,
+    seconds, mask) at every L in steps, and after every step into the list `trace` when given.
+    ref_ids (B*N, T); reward_fn(ids, emb, grad) -> R [, dR/demb]; logprob_fn(ids, emb, top_k, grad) -> (log mu per
+    token, top-k next tokens, their log mu, d log mu / demb). With eos_ids, EOS is a position like any other and
+    lengths change; without, the positions in `movable` move and lengths stay."""
     BN, T = ref_ids.shape
-    ids = ref_ids.clone()
-    t0 = time.time()
-    R = reward_fn(ids, None, False)  # best-of-N scoring of the reference samples
-    lp, cand, _ = logprob_fn(ids, None, args.top_k if args.transport == "topk" else 0, False)
-    snaps = {0: (ids.clone(), R.clone(), lp.sum(1), time.time() - t0)}
-    u = embed_table[ids].float().clone()
-    opt = torch.optim.Adam([u.requires_grad_(True)], lr=args.step_size)  # fresh Adam per transport, on -phi
-    J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + log mu (+ const)
-    if args.transport == "topk":  # moves already rejected, remembered until the particle moves
+    mode, k, t0 = args.transport, args.top_k, time.time()
+    pos = torch.arange(T, device=ref_ids.device)
+    ids, ends = ref_ids.clone(), r_mask.sum(1) - 1
+    ref_ends, table, snaps = ends.clone(), embed_table.float(), {}
+
+    def movable_now():
+        if eos_ids is None:
+            return movable.bool()
+        m = (pos <= ends[:, None]) & (pos < T - 1)  # live positions, EOS included; the last is the length budget
+        return m & (pos < ref_ends[:, None]) if mode == "soft" else m  # soft: candidates exist within the reference
+
+    def record(step):
+        live = r_mask.bool() if eos_ids is None else pos <= ends[:, None]
+        snap = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0, live.long())
+        if step in steps:
+            snaps[step] = snap
+        if trace is not None:
+            trace.append(snap)
+
+    # the particles' reward on their tokens (best-of-N scoring) and, where the next step needs it, dR/dE at them
+    hard_grad = (mode == "soft" and args.straight_through) or (mode == "embed" and args.project_every_step)
+    if hard_grad and max(steps) > 0:
+        R, g_next = reward_fn(ids, table[ids], True)
+    else:
+        R, g_next = reward_fn(ids, None, False), None
+    lp, cand, cand_lp, _ = logprob_fn(ids, None, k, False)
+    record(0)
+    if mode == "soft":  # particle = per-position logits over [sampled token; mu's top-k], mu's log-probs below it
+        C = torch.cat([ids[..., None], cand], -1)
+        valid = torch.cat([torch.ones_like(ids[..., None], dtype=torch.bool), cand != ids[..., None]], -1)
+        top_other = cand_lp.masked_fill(~valid[..., 1:], -torch.inf).max(-1).values
+        z = torch.cat([torch.maximum(lp, top_other)[..., None] + args.soft_margin, cand_lp], -1)
+        z = z.masked_fill(~valid, 0).requires_grad_(True)
+        E_C = table[C]
+        opt = torch.optim.Adam([z], lr=args.step_size)  # fresh Adam per transport, on -phi pulled back to the logits
+    elif mode == "embed":
+        spacing = spacing or table_spacing(table, allowed)
+        u = table[ids].clone().requires_grad_(True)  # Adam's first step moves every coordinate by lr: scale to spacing
+        opt = torch.optim.Adam([u], lr=args.step_size * spacing / math.sqrt(table.shape[1]))
+    else:  # topk: moves already rejected, remembered until the particle moves
         tried = torch.zeros(cand.shape, dtype=torch.bool, device=ids.device)
+    J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + lm_coef log mu (+ const)
     for step in range(1, max(steps) + 1):
-        if args.transport == "embed":
-            _, g = reward_fn(ids, u.detach(), True)
-            score = g / args.alpha
-            if args.lm_coef:  # Boltzmann target pi* ∝ mu exp(R/alpha): score = grad log mu + grad R / alpha
-                score = score + args.lm_coef * logprob_fn(ids, u.detach(), 0, True)[2]
-            phi = particle_direction(u.detach(), score, movable, n)
+        mov = movable_now()
+        if mode in ("soft", "embed"):
+            if mode == "soft":
+                p = z.detach().masked_fill(~valid, -torch.inf).softmax(-1)
+                x = (p[..., None] * E_C).sum(-2)  # soft embeddings: the particles' positions in the table's space
+                at = table[ids] if args.straight_through else x
+            else:
+                x = at = u.detach()
+            g = g_next if g_next is not None else reward_fn(ids, at, True)[1]
+            score = g / args.alpha  # the official score: grad R / alpha
+            if args.lm_coef:  # ablation, target pi* ∝ mu exp(R/alpha): + lm_coef grad log mu
+                score = score + args.lm_coef * logprob_fn(ids, at, 0, True)[3]
+            phi = particle_direction(x, score, mov, n)
             opt.zero_grad()
-            u.grad = -phi
-            opt.step()
-            ids = torch.where(movable.bool(), nearest_tokens(u.detach(), embed_table, allowed), ref_ids)
-            if args.project_every_step:
-                with torch.no_grad():
-                    u.copy_(embed_table[ids].float())
-            if step in steps:
-                R, (lp, _) = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[:2]
+            if mode == "soft":  # chain rule of x = softmax(z) @ E_C: dz_v = p_v (E_v - x) . phi
+                s = (E_C @ phi[..., None]).squeeze(-1)
+                z.grad = -(p * (s - (p * s).sum(-1, keepdim=True))) * mov[..., None]
+                opt.step()
+                new = C.gather(-1, z.detach().masked_fill(~valid, -torch.inf).argmax(-1, keepdim=True)).squeeze(-1)
+                ids = torch.where(mov, new, ids)
+                if eos_ids is not None:
+                    ends = first_eos(ids, eos_ids)
+            else:
+                u.grad = -phi
+                opt.step()
+                if k:
+                    new = nearest_candidates(u.detach(), torch.cat([ids[..., None], cand], -1), table)
+                else:
+                    new = nearest_tokens(u.detach(), table, allowed)
+                prev, ids = ids, torch.where(mov, new, ids)
+                if eos_ids is not None:
+                    ids, ends = end_at_eos(ids, ends, eos_ids, eos_id)
+                if args.project_every_step:  # a position that changed token snaps onto it; others keep their offset
+                    with torch.no_grad():
+                        u.copy_(torch.where((ids != prev)[..., None], table[ids], u))
+            if hard_grad and step < max(steps):
+                R, g_next = reward_fn(ids, table[ids], True)
+            else:
+                R, g_next = reward_fn(ids, None, False), None
+            lp, cand, cand_lp, _ = logprob_fn(ids, None, k if mode == "embed" else 0, False)
         else:
             # discrete step: candidates = top-k tokens of mu; first-order gain (E_v - u_t) . phi_t; exact acceptance
-            u_cur = embed_table[ids].float()
+            u_cur = table[ids]
             _, g = reward_fn(ids, u_cur, True)
-            phi = particle_direction(u_cur, g / args.alpha, movable, n)
-            gain = ((embed_table[cand].float() - u_cur[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
-            gain = gain.masked_fill((cand == ids[..., None]) | ~movable.bool()[..., None] | tried, -torch.inf)
-            m = min(args.num_proposals, T * args.top_k)
+            phi = particle_direction(u_cur, g / args.alpha, mov, n)
+            gain = ((table[cand] - u_cur[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
+            gain = gain.masked_fill((cand == ids[..., None]) | ~mov[..., None] | tried, -torch.inf)
+            m = min(args.num_proposals, T * k)
             best = gain.flatten(1).topk(m, -1)
-            pos, kk = best.indices // args.top_k, best.indices % args.top_k
+            at_pos, kk = best.indices // k, best.indices % k
             prop = ids.repeat_interleave(m, 0)
             rows = torch.arange(BN * m, device=ids.device)
-            prop[rows, pos.flatten()] = cand.flatten(0, 1)[(rows // m) * T + pos.flatten(), kk.flatten()]
+            prop[rows, at_pos.flatten()] = cand.flatten(0, 1)[(rows // m) * T + at_pos.flatten(), kk.flatten()]
+            prop_ends = ends.repeat_interleave(m, 0)
+            if eos_ids is not None:
+                prop, prop_ends = end_at_eos(prop, prop_ends, eos_ids, eos_id)
             Rp = reward_fn(prop, None, False)
-            lpp, candp, _ = logprob_fn(prop, None, args.top_k, False)
+            lpp, candp, candp_lp, _ = logprob_fn(prop, None, k, False)
             Jp = J(Rp, lpp).masked_fill(~torch.isfinite(best.values.flatten()), -torch.inf).view(BN, m)
             jbest, arg = Jp.max(1)
             accept = jbest > J(R, lp)
             pick = torch.arange(BN, device=ids.device) * m + arg
             ids = torch.where(accept[:, None], prop[pick], ids)
+            ends = torch.where(accept, prop_ends[pick], ends)
             R = torch.where(accept, Rp[pick], R)
             lp = torch.where(accept[:, None], lpp[pick], lp)
             cand = torch.where(accept[:, None, None], candp[pick], cand)
             tried = tried.flatten(1).scatter(1, best.indices, True).view_as(tried) & ~accept[:, None, None]
-        if step in steps:
-            snaps[step] = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0)
+        record(step)
     return snaps
 
 
-def select(ids, R, lp_sum, ref, n, r_mask, nll_filter):
-    """Argmax of the re-scored reward over each prompt's particles (L = 0: best-of-N exactly). With nll_filter, a
-    particle less likely per token than every reference sample of its prompt falls back to its reference sample."""
-    length = r_mask.sum(1).clamp(min=1)
+def select(snap, ref, n, nll_filter):
+    """Argmax of the re-scored reward over each prompt's particles (L = 0: best-of-N exactly). snap and ref are
+    transport snapshots (ids, R, sum log mu, seconds, mask). With nll_filter, a particle less likely per token than
+    every reference sample of its prompt falls back to its reference sample."""
+    ids, R, lp_sum, _, mask = snap
+    nll = -lp_sum / mask.sum(1).clamp(min=1)
     if nll_filter:
-        ref_ids, ref_R, ref_lp = ref
-        nll, ref_nll = (-lp_sum / length).view(-1, n), (-ref_lp / length).view(-1, n)
-        bad = (nll > ref_nll.max(1, keepdim=True).values + 1e-6).flatten()
-        ids, R, lp_sum = torch.where(bad[:, None], ref_ids, ids), torch.where(bad, ref_R, R), torch.where(bad, ref_lp, lp_sum)
+        ref_ids, ref_R, ref_lp, _, ref_mask = ref
+        ref_nll = -ref_lp / ref_mask.sum(1).clamp(min=1)
+        bad = (nll.view(-1, n) > ref_nll.view(-1, n).max(1, keepdim=True).values + 1e-6).flatten()
+        ids, R = torch.where(bad[:, None], ref_ids, ids), torch.where(bad, ref_R, R)
+        nll = torch.where(bad, ref_nll, nll)
+        mask = torch.where(bad[:, None], ref_mask, mask)
     best = R.view(-1, n).argmax(1) + torch.arange(len(R) // n, device=R.device) * n
-    return best, ids[best], R[best], (-lp_sum / length)[best]
+    return best, ids[best], R[best], nll[best], mask[best]
 
 
 # Evaluation helpers: judges and distances
@@ -787,6 +952,35 @@ class Judge:
         return rewards(self.rm, embed, pi.to(d), pm.to(d), ri.to(d), rmask.to(d), self.args.micro_batch_size).tolist()
 
 
+def plot_reward_vs_nll(summaries, folder):
+    """reward_vs_nll.png: the judge's score and the base model's NLL/token of the selected response against L, one
+    line per run (bars: standard error of the paired difference to best-of-N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len({round(s["transport"]["0"]["judge"], 9) for s in summaries if "0" in s["transport"]}) > 1:
+        print("warning: the runs' best-of-N scores differ: they were not run on the same prompts and samples")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for s in summaries:
+        a = s["args"]
+        label = a["transport"] + (f" ε {a['step_size']:g}" if a["transport"] != "topk" else "")  # topk takes no ε
+        label += f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] else ""
+        Ls = sorted(int(L) for L in s["transport"])
+        res = [s["transport"][str(L)] for L in Ls]
+        for ax, key, err in zip(axes, ("judge", "nll_per_token"), ("judge_diff_se", "nll_diff_se")):
+            yerr = [r.get(err, 0) for r in res]
+            ax.errorbar(Ls, [r[key] for r in res], yerr=yerr, marker="o", capsize=3, label=label)
+    axes[0].set(xlabel="transport steps L (0 = best-of-N)", ylabel=f"judge ({summaries[0]['judge']})")
+    axes[1].set(xlabel="transport steps L (0 = best-of-N)", ylabel="NLL / token under mu")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(os.path.join(folder, "reward_vs_nll.png"), dpi=80)
+    plt.close(fig)
+
+
 POSITIVE_LABELS = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
 
 
@@ -825,10 +1019,12 @@ def win_rate(a, b):
 def check_args(args):
     """Nonsensical settings are refused before anything loads."""
     positive = ("num_particles", "max_new_tokens", "num_eval_prompts", "prompt_batch_size", "micro_batch_size",
-                "rm_batch_size", "rm_train_pairs", "rm_eval_pairs", "max_prompt_tokens", "top_k", "num_proposals")
+                "rm_batch_size", "rm_train_pairs", "rm_eval_pairs", "max_prompt_tokens", "num_proposals")
     for name in positive:
         if getattr(args, name) < 1:
             raise VGFError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.top_k < (0 if args.transport == "embed" else 1):
+        raise VGFError(f"--top-k must be at least 1 (0 = the whole vocabulary, embed only); got {args.top_k}")
     if args.rm_max_response_tokens < 2:
         raise VGFError(f"--rm-max-response-tokens must be at least 2 (got {args.rm_max_response_tokens})")
     if args.rm_epochs < 0:
@@ -907,6 +1103,8 @@ def main(args):
     allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=device)
     allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens, nor a stop token
     allowed[torch.tensor(tok.all_special_ids + stop_list, dtype=torch.long)] = False
+    if args.variable_length:  # the stop token is a position like any other: a response may end earlier or later
+        allowed[end_id] = True
     base = (model_path, gguf_file, lm.base_model)  # the backbone module, shared by a frozen reward model
 
     if is_main and args.track:
@@ -970,7 +1168,8 @@ def main(args):
         if key not in seen and len(eval_rows) < args.num_eval_prompts:
             seen.add(key), eval_rows.append(r)
     torch.manual_seed(args.seed + rank)
-    n, T, mb, records = args.num_particles, args.max_new_tokens, args.micro_batch_size, []
+    n, T, mb, records, trajectories = args.num_particles, args.max_new_tokens, args.micro_batch_size, [], []
+    spacing = table_spacing(embed.weight.detach(), allowed) if args.transport == "embed" else None
     for start in range(rank * args.prompt_batch_size, len(eval_rows), world * args.prompt_batch_size):
         rows = eval_rows[start : start + args.prompt_batch_size]
         B, t0 = len(rows), time.time()
@@ -985,31 +1184,44 @@ def main(args):
             ]
         )
         ref_ids, r_mask = truncate_at_eos(gen, eos_ids, tok.pad_token_id, end_id)
-        movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # the stop token stays: each particle keeps its length
+        movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # fixed length: the stop token stays
+        if args.variable_length:  # room to grow up to max_new_tokens (+ the stop token)
+            ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=tok.pad_token_id)
+            r_mask, movable = (F.pad(x, (0, T + 1 - x.shape[1])) for x in (r_mask, movable))
         sync(device)
         t_sample = time.time() - t0
+        # the prompts' keys and values, once per prompt batch, for every particle and proposal of the transport
+        rm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask) if args.kv_cache else None
+        lm_cache = prompt_cache(lm, embed, p_ids, p_mask) if args.kv_cache else None
 
-        def expand(ids):  # prompts and masks for ids holding several proposals per particle
-            rep = len(ids) // len(pr_ids)
-            return (t.repeat_interleave(rep, 0) for t in (pr_ids, pr_mask, r_mask))
+        def expand(ids):  # prompts, masks and prompt index of ids holding several proposals per particle
+            prow = torch.arange(len(ids), device=ids.device) // (len(ids) // B)
+            is_eos = torch.isin(ids, eos_ids)
+            mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()  # up to and including the first stop token
+            return p_ids[prow], p_mask[prow], mask, prow
 
         def reward_fn(ids, emb, grad):
             e = embed(ids).float() if emb is None else emb
-            pi, pm, rmask = expand(ids)
+            pi, pm, rmask, prow = expand(ids)
             with torch.set_grad_enabled(grad):
-                return synced(device, rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad))
+                out = rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad, cache=rm_cache, rows=prow)
+                return synced(device, out)
 
         def logprob_fn(ids, emb, top_k, grad):
-            pi, pm, rmask = expand(ids)
+            pi, pm, rmask, prow = expand(ids)
             if not grad:
-                lp, cand = token_logprobs(lm, embed, pi, pm, ids, rmask, allowed, mb, top_k)
-                return synced(device, (lp, cand, None))
-            f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, 0, e, True)
-            return synced(device, chunked(f, len(ids), mb, pi, pm, ids, rmask, emb))
+                lp, cand, cand_lp = token_logprobs(lm, embed, pi, pm, ids, rmask, allowed, mb, top_k, lm_cache, prow)
+                return synced(device, (lp, cand, cand_lp, None))
+            f = lambda a, b, c, d, e, r: response_logprobs(lm, embed, a, b, c, d, allowed, 0, e, True, lm_cache, r)
+            return synced(device, chunked(f, len(ids), mb, pi, pm, ids, rmask, emb, prow))
 
         # one flow of max(L) steps, snapshotted at each L; time per L = sampling + scoring + steps up to L
-        snaps = transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed.weight.detach(), allowed, args)
-        ref = snaps[0][:3]
+        trace = [] if args.save_trajectories else None
+        snaps = transport(
+            ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed.weight.detach(), allowed, args,
+            eos_ids=eos_ids if args.variable_length else None, eos_id=end_id, spacing=spacing, trace=trace,
+        )
+        ref = snaps[0]
         # chosen response of the dataset and plain sample (particle 0) as baselines
         ch_ids, ch_mask = (
             x.to(device)
@@ -1020,21 +1232,19 @@ def main(args):
             )
         )
         ch_lp = token_logprobs(lm, embed, p_ids, p_mask, ch_ids, ch_mask, allowed, mb)[0].sum(1) / ch_mask.sum(1)
+        text_of = lambda x, m: tok.decode(x[m.bool() & ~torch.isin(x, eos_ids)], skip_special_tokens=True)
+        live_ref = torch.where(ref[4].bool(), ref[0], -1)
         sel = {}
         for L in steps:
-            ids, R, lp_sum, secs = snaps[L]
-            best, b_ids, b_R, b_nll = select(ids, R, lp_sum, ref, n, r_mask, args.nll_filter and L > 0)
-            moved = (ids != ref[0]).any(1).view(B, n).float().mean(1)  # share of particles the flow changed
-            sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, secs=t_sample + secs, moved=moved)
+            best, b_ids, b_R, b_nll, b_mask = select(snaps[L], ref, n, args.nll_filter and L > 0)
+            moved = (torch.where(snaps[L][4].bool(), snaps[L][0], -1) != live_ref).any(1).view(B, n).float().mean(1)
+            sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, mask=b_mask, secs=t_sample + snaps[L][3], moved=moved)
         stage = dict(sampling=t_sample / B, scoring=snaps[0][3] / B)  # seconds per prompt
         stage["transport_step"] = (snaps[max(steps)][3] - snaps[0][3]) / B / max(steps) if max(steps) else 0.0
         single = torch.arange(B, device=device) * n
         sample_nll = (-ref[2] / r_mask.sum(1).clamp(min=1))[single]
-        decode = lambda ids, mask: [
-            tok.decode(x[m.bool() & ~torch.isin(x, eos_ids)], skip_special_tokens=True) for x, m in zip(ids, mask)
-        ]
         prompts = [r["prompt"] for r in rows]
-        sample_text = decode(ref[0][single], r_mask[single])
+        sample_text = [text_of(ref[0][i], r_mask[i]) for i in single]
         j_sample, j_chosen = judge(prompts, sample_text), judge(prompts, [r["chosen"] for r in rows])
         for b in range(B):
             records.append(
@@ -1052,52 +1262,75 @@ def main(args):
             )
         for L in steps:
             s = sel[L]
-            out_text = decode(s["ids"], r_mask[s["best"]])
+            out_text = [text_of(x, m) for x, m in zip(s["ids"], s["mask"])]
             j = judge(prompts, out_text)
             for b in range(B):
                 k = s["best"][b]
-                m = movable[k]
-                ed = edit_distance(ref[0][k][m].tolist(), s["ids"][b][m].tolist())
+                before = ref[0][k][ref[4][k].bool() & ~torch.isin(ref[0][k], eos_ids)].tolist()
+                after = s["ids"][b][s["mask"][b].bool() & ~torch.isin(s["ids"][b], eos_ids)].tolist()
+                ed = edit_distance(before, after)
                 records[-B + b]["vgf"][str(L)] = dict(
                     text=out_text[b],
                     judge=j[b],
                     reward=s["R"][b].item(),
                     nll=s["nll"][b].item(),
                     edit_distance=ed,
-                    changed=ed / max(1, int(m.sum())),
+                    changed=ed / max(1, len(before)),
+                    length=len(after),
                     particles_moved=s["moved"][b].item(),
                     seconds=s["secs"] / B,
                 )
+        if trace is not None:  # every particle after every step: text, R, NLL/token
+            for b in range(B):
+                parts = []
+                for i in range(b * n, (b + 1) * n):
+                    parts.append(
+                        [
+                            dict(step=t, text=text_of(x[i], m[i]), reward=r[i].item(), nll=(-l[i] / m[i].sum()).item())
+                            for t, (x, r, l, _, m) in enumerate(trace)
+                        ]
+                    )
+                trajectories.append(dict(prompt=rows[b]["prompt"], transport=args.transport, particles=parts))
         print(
             f"prompts {start + B}/{len(eval_rows)} (rank {rank}): "
             + ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-B:]]):.3f}" for L in steps)
+            + f"; transport {stage['transport_step']:.2f} s/step/prompt"
         )
 
-    # Evaluation: gather, aggregate per L, print the table, write summary.json and samples.jsonl
+    # Evaluation: gather, aggregate per L, print the table, write summary.json, samples.jsonl and the plot
     if world > 1:
-        records = gather_object(records)
+        records, trajectories = gather_object(records), gather_object(trajectories)
     if is_main:
-        judge_of = lambda L: [r["vgf"][str(L)]["judge"] for r in records]
+        judge_of = lambda L: np.array([r["vgf"][str(L)]["judge"] for r in records])
+        nll_of = lambda L: np.array([r["vgf"][str(L)]["nll"] for r in records])
         bon = judge_of(0)
         se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
         results = {}
         for L in steps:
             v = [r["vgf"][str(L)] for r in records]
+            diff, nll_diff = judge_of(L) - bon, nll_of(L) - nll_of(0)  # paired over prompts
             results[str(L)] = dict(
                 judge=float(np.mean(judge_of(L))),
                 judge_se=se(judge_of(L)),
+                judge_diff_vs_best_of_n=float(np.mean(diff)),
+                judge_diff_se=se(diff),
+                better_worse_vs_best_of_n=[int((diff > 0).sum()), int((diff < 0).sum())],
                 reward=float(np.mean([x["reward"] for x in v])),
-                nll_per_token=float(np.mean([x["nll"] for x in v])),
+                nll_per_token=float(np.mean(nll_of(L))),
+                nll_diff_vs_best_of_n=float(np.mean(nll_diff)),
+                nll_diff_se=se(nll_diff),
                 win_rate_vs_best_of_n=win_rate(judge_of(L), bon),
                 win_rate_vs_sample=win_rate(judge_of(L), [r["judge_sample"] for r in records]),
                 win_rate_vs_chosen=win_rate(judge_of(L), [r["judge_chosen"] for r in records]),
                 edit_distance=float(np.mean([x["edit_distance"] for x in v])),
                 tokens_changed=float(np.mean([x["changed"] for x in v])),
+                length=float(np.mean([x["length"] for x in v])),
                 particles_moved=float(np.mean([x["particles_moved"] for x in v])),
                 seconds_per_prompt=float(np.mean([x["seconds"] for x in v])),
             )
             for k, val in results[str(L)].items():
-                writer.add_scalar(f"eval/{k}", val, L)
+                if not isinstance(val, list):
+                    writer.add_scalar(f"eval/{k}", val, L)
         summary = dict(
             run_name=run_name[0],
             judge=judge.name,
@@ -1122,18 +1355,20 @@ def main(args):
         )
         print(f"\njudge: {judge.name}; {len(records)} prompts, N={n}, transport={args.transport}")
         print(
-            f"{'method':<14}{'judge':>14}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}{'win/chosen':>11}{'edit':>7}{'moved':>7}{'s/prompt':>10}"
+            f"{'method':<14}{'judge':>14}{'diff vs BoN':>16}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}"
+            f"{'changed':>9}{'length':>8}{'s/prompt':>10}"
         )
         for name in ("sample", "chosen"):
-            print(
-                f"{name:<14}{summary[name]['judge']:>8.3f}±{summary[name]['judge_se']:.3f}{summary[name]['nll_per_token']:>9.2f}"
-            )
+            print(f"{name:<14}{summary[name]['judge']:>8.3f}±{summary[name]['judge_se']:.3f}{'':>16}"
+                  f"{summary[name]['nll_per_token']:>9.2f}")
         for L in steps:
             x = results[str(L)]
             label = "best-of-N" if L == 0 else f"VGF L={L}"
             print(
-                f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}{x['nll_per_token']:>9.2f}{x['win_rate_vs_best_of_n']:>9.2f}"
-                f"{x['win_rate_vs_sample']:>9.2f}{x['win_rate_vs_chosen']:>11.2f}{x['edit_distance']:>7.1f}{x['particles_moved']:>7.2f}{x['seconds_per_prompt']:>10.2f}"
+                f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}"
+                f"{x['judge_diff_vs_best_of_n']:>+10.3f}±{x['judge_diff_se']:.3f}{x['nll_per_token']:>9.2f}"
+                f"{x['win_rate_vs_best_of_n']:>9.2f}{x['win_rate_vs_sample']:>9.2f}{x['tokens_changed']:>9.2f}"
+                f"{x['length']:>8.1f}{x['seconds_per_prompt']:>10.2f}"
             )
         stages = summary["seconds_per_prompt_by_stage"]
         print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
@@ -1143,14 +1378,27 @@ def main(args):
         with open(os.path.join(run_dir, "samples.jsonl"), "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        print(f"wrote {run_dir}/summary.json and samples.jsonl")
+        if args.save_trajectories:
+            with open(os.path.join(run_dir, "trajectories.jsonl"), "w") as f:
+                for r in trajectories:
+                    f.write(json.dumps(r) + "\n")
+        plot_reward_vs_nll([summary], run_dir)
+        print(f"wrote {run_dir}/summary.json, samples.jsonl and reward_vs_nll.png")
     writer.close()
     return run_dir
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        args = tyro.cli(Args)
+        if args.plot_runs:  # only the comparison plot of finished runs
+            missing = [d for d in args.plot_runs if not os.path.isfile(os.path.join(d, "summary.json"))]
+            if missing:
+                raise VGFError(f"--plot-runs: no summary.json in {missing}; pass finished run folders")
+            runs = [json.load(open(os.path.join(d, "summary.json"))) for d in args.plot_runs]
+            plot_reward_vs_nll(runs, args.output_dir)
+        else:
+            main(args)
     except VGFError as e:
         for d in NEW_RUN_DIRS:  # keep a reward model that was already trained and saved
             if not any(os.path.exists(os.path.join(d, f)) for f in ("summary.json", "reward_model")):

@@ -132,7 +132,7 @@ def check_outputs(run_dir):
 
 def test_end_to_end_cli(tiny_setup):
     """Trains a reward model, samples, transports and evaluates through the real entry point; then reuses the
-    reward model with the embedding-space transport and the saved reward model as judge."""
+    reward model with the soft-token transport and the saved reward model as judge."""
     out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3", "--rm-pooling", "mean")
     assert out.returncode == 0, out.stderr[-3000:]
     check_outputs(tiny_setup / "runs" / "train")
@@ -147,13 +147,24 @@ def test_end_to_end_cli(tiny_setup):
         "--judge",
         str(rm_dir),
         "--transport",
-        "embed",
+        "soft",
         "--step-size",
         "0.5",
+        "--save-trajectories",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = check_outputs(tiny_setup / "runs" / "reuse")
     assert summary["judge"] == str(rm_dir)
+    # every particle's trajectory: N particles x (max L + 1) steps of text, R and NLL per prompt
+    rows = [json.loads(x) for x in open(tiny_setup / "runs" / "reuse" / "trajectories.jsonl")]
+    assert len(rows) == 3 and all(len(r["particles"]) == 3 for r in rows)
+    assert all(len(p) == max(STEPS) + 1 and all(math.isfinite(s["reward"] + s["nll"]) for s in p)
+               for r in rows for p in r["particles"])
+    assert (tiny_setup / "runs" / "reuse" / "reward_vs_nll.png").stat().st_size > 1000
+    runs = [str(tiny_setup / "runs" / name) for name in ("train", "reuse")]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--plot-runs", *runs, "--output-dir",
+                          str(tiny_setup / "plot")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and (tiny_setup / "plot" / "reward_vs_nll.png").is_file(), out.stderr[-2000:]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -189,13 +200,16 @@ def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
     def logprob_fn(x, emb, top_k, grad):  # a uniform base model: every token equally likely
         rep = len(x) // len(ids)
         cand = torch.arange(top_k).expand(*x.shape, top_k) if top_k else None
-        return torch.full(x.shape, -math.log(vocab)) * mask.repeat_interleave(rep, 0), cand, torch.zeros(*x.shape, dim)
+        cand_lp = torch.full(cand.shape, -math.log(vocab)) if top_k else None
+        lp = torch.full(x.shape, -math.log(vocab)) * mask.repeat_interleave(rep, 0)
+        return lp, cand, cand_lp, torch.zeros(*x.shape, dim)
 
     return table, ids, mask, reward_fn, logprob_fn, B, N
 
 
 def toy_args(**kw):
-    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5)
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5,
+                project_every_step=False)
     base.update(kw)
     return vgf_llm.Args(**base)
 
@@ -203,12 +217,12 @@ def toy_args(**kw):
 def test_zero_steps_is_best_of_n():
     table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
     allowed = torch.ones(len(table), dtype=torch.bool)
-    for mode in ("topk", "embed"):
+    for mode in ("topk", "embed", "soft"):
         snaps = vgf_llm.transport(
             ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
         )
         assert torch.equal(snaps[0][0], ids)
-        best, out_ids, out_r, _ = vgf_llm.select(*snaps[0][:3], snaps[0][:3], N, mask, nll_filter=False)
+        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], snaps[0], N, nll_filter=False)
         r = reward_fn(ids, None, False).view(B, N)
         assert torch.equal(out_ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
         assert torch.allclose(out_r, r.max(1).values)
@@ -310,7 +324,7 @@ def test_topk_transport_does_not_stall_on_rejected_moves():
     def logprob_fn(x, emb, top_k, grad):
         rep = len(x) // len(ids)
         lp = torch.where(x == forbidden, -100.0, 0.0) * mask.repeat_interleave(rep, 0)
-        return lp, torch.arange(top_k).expand(*x.shape, top_k) if top_k else None, None
+        return lp, torch.arange(top_k).expand(*x.shape, top_k) if top_k else None, torch.zeros(*x.shape, top_k), None
 
     args = toy_args(num_proposals=1, top_k=len(table))
     snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 12], reward_fn, logprob_fn, table, allowed, args)
