@@ -641,10 +641,15 @@ def truncate_at_eos(tokens, eos_ids, pad_id, eos_id):
     that are padding in every row are dropped. A response that hit the length limit gets eos_id appended, so every
     response ends as the reward model's training responses do."""
     tokens = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_id)], 1)
+    keep = through_first_stop(tokens, eos_ids)
+    width = int(keep.sum(1).max())
+    return tokens.masked_fill(~keep, pad_id)[:, :width], keep.long()[:, :width]
+
+
+def through_first_stop(tokens, eos_ids):
+    """True up to and including each row's first stop token (everywhere when it has none)."""
     is_eos = torch.isin(tokens, eos_ids)
-    after = (is_eos.cumsum(1) - is_eos.long()) > 0
-    width = int((~after).sum(1).max())
-    return tokens.masked_fill(after, pad_id)[:, :width], (~after).long()[:, :width]
+    return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
 def response_logprobs(
@@ -1196,9 +1201,7 @@ def main(args):
 
         def expand(ids):  # prompts, masks and prompt index of ids holding several proposals per particle
             prow = torch.arange(len(ids), device=ids.device) // (len(ids) // B)
-            is_eos = torch.isin(ids, eos_ids)
-            mask = ((is_eos.cumsum(1) - is_eos.long()) == 0).long()  # up to and including the first stop token
-            return p_ids[prow], p_mask[prow], mask, prow
+            return p_ids[prow], p_mask[prow], through_first_stop(ids, eos_ids).long(), prow
 
         def reward_fn(ids, emb, grad):
             e = embed(ids).float() if emb is None else emb
@@ -1232,7 +1235,8 @@ def main(args):
             )
         )
         ch_lp = token_logprobs(lm, embed, p_ids, p_mask, ch_ids, ch_mask, allowed, mb)[0].sum(1) / ch_mask.sum(1)
-        text_of = lambda x, m: tok.decode(x[m.bool() & ~torch.isin(x, eos_ids)], skip_special_tokens=True)
+        content = lambda x, m: x[m.bool() & ~torch.isin(x, eos_ids)]  # a response's tokens without padding and stop
+        text_of = lambda x, m: tok.decode(content(x, m), skip_special_tokens=True)
         live_ref = torch.where(ref[4].bool(), ref[0], -1)
         sel = {}
         for L in steps:
@@ -1266,8 +1270,7 @@ def main(args):
             j = judge(prompts, out_text)
             for b in range(B):
                 k = s["best"][b]
-                before = ref[0][k][ref[4][k].bool() & ~torch.isin(ref[0][k], eos_ids)].tolist()
-                after = s["ids"][b][s["mask"][b].bool() & ~torch.isin(s["ids"][b], eos_ids)].tolist()
+                before, after = content(ref[0][k], ref[4][k]).tolist(), content(s["ids"][b], s["mask"][b]).tolist()
                 ed = edit_distance(before, after)
                 records[-B + b]["vgf"][str(L)] = dict(
                     text=out_text[b],
