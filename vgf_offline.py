@@ -279,13 +279,13 @@ def download(url: str, path: str, where_hint: str):
     from tqdm import tqdm
 
     tmp, created = path + ".part", []
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(folder):
+    target = folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):  # the folders a download would create, innermost first
         created.append(folder)
         folder = os.path.dirname(folder)
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.makedirs(target, exist_ok=True)
             total = int(response.headers.get("Content-Length") or 0) or None
             with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
                 while chunk := response.read(1 << 20):
@@ -294,7 +294,7 @@ def download(url: str, path: str, where_hint: str):
     except BaseException as e:  # URLError, timeouts and HTTP errors are OSErrors; Ctrl-C cleans up too
         if os.path.exists(tmp):
             os.remove(tmp)
-        for folder in created:  # innermost first
+        for folder in created:
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
         if not isinstance(e, (OSError, ValueError)):
