@@ -111,7 +111,8 @@ class Args:
     """returns behind the D4RL locomotion / Adroit reward scale 1000 / (max - min return): 'official' of windows cut at
     terminals or every 1000 rows of the timeout-stripped transitions (official code), 'true' of the true episodes"""
 
-    # Speed options: each keeps results equal up to floating-point rounding (tests/test_offline_speed.py)
+    # Speed options: each keeps results equal up to float32 rounding (tests/test_offline_speed.py), except
+    # --cpu-bf16-matmul, which is reduced precision; --tf32 is the GPU default of JAX as well
     compile: bool = True
     """torch.compile the whole update (TD target, losses, gradients, Adam, Polyak) as one graph (about a minute of
     compilation; falls back to the eager update if it fails)"""
@@ -119,9 +120,11 @@ class Args:
     """on CUDA, capture the whole update (compiled or not) once as a CUDA graph and replay it: one launch per update"""
     tf32: bool = True
     """allow TF32 matrix multiplies on CUDA (JAX's default precision on GPUs)"""
-    cpu_onednn_matmul: bool = True
-    """on CPUs with AVX512-BF16, run float32 matrix multiplies through oneDNN's bf16-split float32 mode (2x faster
-    than MKL on an AMD EPYC; losses agree with plain float32 to ~1e-7 relative)"""
+    cpu_bf16_matmul: bool = False
+    """REDUCED PRECISION, opt-in: on CPUs with AVX512-BF16, float32 matrix multiplies go through oneDNN's bf16 mode.
+    Its precision depends on the CPU: plain bfloat16 on Intel Xeon (relative error 2.3e-3 on a 256x512 @ 512x512
+    product, critic losses off by up to 7e-3 relative after 6 updates), about float32 on AMD EPYC (4e-7). Off: every
+    CPU matmul is exact float32 (as the official code on CPU)"""
     fused_adam: bool = True
     """fused Adam kernels in the eager update (--no-compile); with --compile Adam is part of the compiled graph"""
     threads: Optional[int] = None
@@ -1160,6 +1163,9 @@ def merge_checkpoint_args(cli: Args, saved: Dict, path: str) -> Args:
     saved = dict(saved)
     if "kernel_grad_through_bandwidth" in saved:  # checkpoints written before the option was renamed
         saved["fixed_bandwidth"] = not saved.pop("kernel_grad_through_bandwidth")
+    if saved.pop("cpu_onednn_matmul", False):  # the former default, reduced precision on some CPUs
+        print(f"note: checkpoint {path} was trained with bf16 CPU matmuls; this run uses exact float32 unless "
+              "--cpu-bf16-matmul is given")
     known = {f.name for f in fields(Args)}
     unknown = sorted(set(saved) - known)
     if unknown:
@@ -1181,11 +1187,14 @@ def restore_agent(agent: Agent, state: Dict, path: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def cpu_bf16_supported() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def set_matmul_precision(args: Args):
+    """CUDA: TF32 with --tf32 (JAX's default on GPUs). CPU: exact float32 unless --cpu-bf16-matmul."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    fast_cpu = args.cpu_onednn_matmul and torch.backends.mkldnn.is_available() and \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if fast_cpu else "none"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if args.cpu_bf16_matmul and cpu_bf16_supported() else "none"
 
 
 def cpu_threads_warning(load: float, cores: int, threads: int) -> Optional[str]:
@@ -1244,6 +1253,9 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     set_matmul_precision(args)
+    if args.cpu_bf16_matmul and device.type == "cpu":
+        print("warning: --cpu-bf16-matmul: reduced-precision CPU matmuls (README, 'Speed')" if cpu_bf16_supported()
+              else "warning: --cpu-bf16-matmul has no effect: this CPU has no AVX512-BF16; float32 stays exact")
     if args.threads:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and (warning := cpu_threads_warning(os.getloadavg()[0], os.cpu_count() or 1,

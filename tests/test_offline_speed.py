@@ -1,6 +1,6 @@
-"""Speed options keep results equivalent: fused Adam, oneDNN matmuls, the whole update as one function, compiled
+"""Speed options keep results equivalent: fused Adam, the whole update as one function, compiled
 (CPU) and captured as a CUDA graph (CUDA only), each against the plain eager update. TF32 is timed by
-tests/bench_offline.py on a GPU."""
+tests/bench_offline.py on a GPU. The default CPU matmul is exact float32; --cpu-bf16-matmul is reduced precision."""
 import os
 import subprocess
 import sys
@@ -39,19 +39,51 @@ def test_fused_adam_matches_the_plain_update():
     assert not torch.equal(plain_params, run_updates(steps=5, fused_adam=False)[1])  # the updates do move weights
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no AVX512-BF16")
-def test_onednn_matmul_matches_plain_float32():
-    plain_losses, plain_params = run_updates(steps=5, hidden=256, cpu_onednn_matmul=False)
-    fast_losses, fast_params = run_updates(steps=5, hidden=256, cpu_onednn_matmul=True)
-    initial_params = run_updates(steps=0, hidden=256)[1]
-    assert torch.allclose(plain_losses, fast_losses, rtol=1e-5)
-    # the weights' change differs by a rounding-sized fraction (Adam amplifies rounding where gradients are ~0)
-    change = (plain_params - initial_params).norm()
-    assert (plain_params - fast_params).norm() < 1e-3 * change
+def matmul_relative_error():
+    """Relative error of a float32 256x512 @ 512x512 product against float64, under the current matmul settings."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 512, generator=gen), torch.randn(512, 512, generator=gen)
+    exact = a.double() @ b.double()
+    return ((a @ b).double() - exact).norm().item() / exact.norm().item()
+
+
+def test_default_cpu_matmul_is_exact_float32():
+    """Default options: every float32 CPU matmul is exact float32, whatever the CPU (fails if a reduced-precision mode
+    became a default)."""
+    args = vgf.resolve_suite_defaults(vgf.Args())
+    assert not args.cpu_bf16_matmul  # holds on CPUs without AVX512-BF16 too, where the mode could not act
+    vgf.set_matmul_precision(args)
+    try:
+        assert torch.backends.mkldnn.matmul.fp32_precision in ("none", "ieee")
+        assert matmul_relative_error() < 1e-5
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    # a default update equals the update with the exact setting pinned explicitly, bit for bit
+    default_losses, default_params = run_updates(steps=3, hidden=256)
+    pinned_losses, pinned_params = run_updates(steps=3, hidden=256, cpu_bf16_matmul=False)
+    assert torch.equal(default_losses, pinned_losses) and torch.equal(default_params, pinned_params)
+
+
+@pytest.mark.skipif(not vgf.cpu_bf16_supported(), reason="this CPU has no AVX512-BF16")
+def test_cpu_bf16_matmul_is_reduced_precision_and_reports_its_error():
+    """--cpu-bf16-matmul is opt-in reduced precision: its error depends on the CPU (plain bfloat16 on Intel Xeon, about
+    float32 on AMD EPYC). The test measures and prints it; it only asserts that training stays finite and close."""
+    vgf.set_matmul_precision(vgf.resolve_suite_defaults(vgf.Args(cpu_bf16_matmul=True)))
+    try:
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        error = matmul_relative_error()
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    exact_losses, _ = run_updates(steps=5, hidden=256)
+    bf16_losses, _ = run_updates(steps=5, hidden=256, cpu_bf16_matmul=True)
+    loss_error = ((bf16_losses - exact_losses).abs() / exact_losses.abs()).max().item()
+    print(f"--cpu-bf16-matmul on this CPU: matmul relative error {error:.1e}, critic/flow losses {loss_error:.1e} "
+          "relative after 5 updates")
+    assert torch.isfinite(bf16_losses).all() and error < 1e-2 and loss_error < 5e-2
 
 
 SMALL = dict(hidden_dims=[32, 32], num_particles=5, bc_flow_steps=4, batch_size=16, train_transport_steps=2,
-             fused_adam=False, cpu_onednn_matmul=False)
+             fused_adam=False)
 
 
 def whole_vs_eager(mode, amortised, steps=5, device="cpu"):
@@ -147,7 +179,7 @@ def test_benchmark_script_runs_in_ci_size(tmp_path):
     import json
 
     results = json.loads(out.read_text())
-    assert [r["option"] for r in results] == ["eager", "eager+fused+onednn"]
+    assert [r["option"] for r in results] == ["eager", "eager+fused"]
     assert all(r["updates_per_s"] > 0 and r["gflops_per_update"] > 0 and r["peak_memory_mb"] > 0 for r in results)
 
 
