@@ -80,9 +80,10 @@ def d4rl_input(case, seed):
     if case == "antmaze-umaze-v2":  # sparse 0/1 reward, terminal where the goal is reached
         rewards = (rng.uniform(size=n) < 0.02).astype(np.float32)
         rewards[terminals] = 1.0
-    else:  # episode-dependent mean, so that the returns differ
+    else:  # episode-dependent mean, so that the returns differ; full float32 precision, so that the returns
+        # depend on the order of the summation
         ep = np.repeat(np.arange(len(episodes)), [length for length, _ in episodes])
-        rewards = quantised(rng, n, 1.0) + ep.astype(np.float32) / 8
+        rewards = (rng.normal(size=n) + ep / 8).astype(np.float32)
     # next_observations: the true next state (the next row within an episode, a fresh state after its last row)
     next_observations = np.concatenate([observations[1:], quantised(rng, (1, obs_dim), 1.0)])
     ends = terminals | timeouts

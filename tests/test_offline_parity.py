@@ -2,10 +2,12 @@
 
 tests/data/official_parity.npz was written by tests/make_official_parity.py, which ran the official agents
 (agents/vgf.py, agents/a_vgf.py) in float64 on a small configuration and recorded their initial weights, every random
-draw, the batches and the results. Here the same weights and noise go into our networks: in float64 every quantity
-must agree to 1e-12 (only the order of floating-point operations differs: measured <= 3e-15; torch's
-clip_grad_norm_, which divides by |g| + 1e-6, is already off by 7e-11 after five amortised updates), in float32 the
-losses and the weights after five updates to 1e-5 of the official float64 values (measured <= 1e-6).
+draw, the batches and the results, for the D4RL setting (vgf), N 10 (vgf_n10), the OGBench setting (vgf_ogbench) and
+amortised VGF (avgf). Here the same weights and noise go into our networks: in float64 every quantity must agree to
+1e-12 (only the order of floating-point operations differs: measured <= 4.2e-15), except downstream of two distinct
+particles closer than the official distance formula resolves (test_near_coincident_particles_...); in float32 the
+losses and the weights after one and five updates to 1e-5 of the official float64 values (measured <= 9.4e-7);
+--compile in float32 (vgf) and in float64 (avgf, to 1e-12).
 Regenerate the data with: python tests/make_official_parity.py /path/to/vgf-checkout (needs JAX; see that file).
 """
 import json
@@ -19,7 +21,7 @@ import torch
 import vgf_offline as vgf
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "official_parity.npz")
-TOL64, TOL64C, TOL32 = 1e-12, 1e-10, 1e-5
+TOL64, TOL32 = 1e-12, 1e-5
 NEAR, TOL_NEAR = 1e-6, 1e-8  # two particles closer than NEAR: see test_near_coincident_particles_...
 
 
@@ -169,6 +171,11 @@ def updates(gold, name, dtype, **overrides):
     """Five updates through Agent.update: max abs error of the losses and of the weights after one and five updates
     against the official float64 values, and the weights."""
     agent, args = make_agent(gold, name, dtype=dtype, **overrides)
+    if dtype == torch.float64:  # whole_update's Adam bias corrections 1 - beta^t come from the step counts, float32
+        agent.prepare_optimisers()  # tensors as torch.optim.Adam keeps them (off by 1e-5 relative for 1 - 0.999):
+        for opt in agent.opts:  # float64 counts make them exact (eager torch.optim.Adam computes them in float64)
+            for state in opt.state.values():
+                state["step"] = state["step"].to(torch.float64)
     loss_err, param_err = 0.0, 0.0
     for k in range(1, 6):
         metrics = agent.update(batch_of(gold, name, k, dtype))
@@ -182,9 +189,10 @@ def updates(gold, name, dtype, **overrides):
     return loss_err, param_err, [p.detach().clone() for p in our_params(agent)]
 
 
-@pytest.mark.parametrize("name", ["vgf", "vgf_ogbench", "avgf"])
+@pytest.mark.parametrize("name", ["vgf", "vgf_n10", "vgf_ogbench", "avgf"])
 def test_float32_matches_the_official_float64_update(gold, name):
     loss_err, param_err, _ = updates(gold, name, torch.float32)
+    print(name, f"float32: losses {loss_err:.1e}, weights {param_err:.1e}")
     assert loss_err < TOL32 and param_err < TOL32, (loss_err, param_err)
 
 
@@ -204,18 +212,24 @@ def test_compiled_float32_update_matches_eager_and_the_official_update(gold, cap
     inductor cache (20 s with a warm one), the rest < 10 s."""
     loss_err, param_err, compiled = compiled_updates(gold, "vgf", torch.float32, capsys)
     _, _, eager = updates(gold, "vgf", torch.float32)
+    to_eager = max(float((a - b).abs().max()) for a, b in zip(compiled, eager))
+    with capsys.disabled():
+        print(f"compiled float32: losses {loss_err:.1e}, weights {param_err:.1e}, weights to eager {to_eager:.1e}")
     assert loss_err < TOL32 and param_err < TOL32, (loss_err, param_err)
     # compiled and eager differ by the order of float32 operations only: each of the 5 Adam steps (lr 3e-4) moves a
     # weight by ~lr, so rounding-level differences stay far below 1e-6 (measured 3e-8)
-    assert max(float((a - b).abs().max()) for a, b in zip(compiled, eager)) < 1e-6
+    assert to_eager < 1e-6
 
 
 def test_compiled_float64_amortised_update_matches_the_official_update(gold, capsys):
-    """The amortised variant through --compile in float64: its own code path in whole_update (global-norm clipping of
-    every optimiser, Polyak update, Adam) against the official values at near float64 precision. Adam's step counts
-    are float32 tensors (as torch.optim.Adam keeps them), so the bias corrections are float32-rounded: TOL64C."""
+    """The amortised variant through --compile, in float64: whole_update's own code (gradients by torch.func, the
+    global-norm clipping of every optimiser, the Polyak update, Adam) against the official values to 1e-12, where
+    float32 rounding would hide a changed Polyak rate or a dropped clipping (Adam is nearly invariant to the scale of
+    its gradients)."""
     loss_err, param_err, _ = compiled_updates(gold, "avgf", torch.float64, capsys)
-    assert loss_err < TOL64C and param_err < TOL64C, (loss_err, param_err)
+    with capsys.disabled():
+        print(f"compiled float64 amortised: losses {loss_err:.1e}, weights {param_err:.1e}")
+    assert loss_err < TOL64 and param_err < TOL64, (loss_err, param_err)
 def closest_pair(agent, args, batch):
     """The smallest distance between two distinct particles of one state before any transport step of the TD target
     (identical particles, e.g. clipped to the same corner, have no repulsion in either implementation)."""
@@ -261,9 +275,9 @@ def test_near_coincident_particles_are_where_the_official_distances_cancel(gold,
     batch = batch_of(gold, "vgf_n10", 5)
     assert closest_pair(agent, args, batch) < 1e-8
     theirs = torch.as_tensor(gold["vgf_n10/update5/particles"])
-    err = (step_quantities(agent, args, batch)["particles"] - theirs).abs()
+    err = (step_quantities(agent, args, batch)["particles"].detach() - theirs).abs()
     b = int(err.amax((1, 2)).argmax())
-    near = (err[b].detach().amax(1) > TOL64).nonzero().flatten().tolist()
+    near = (err[b].amax(1) > TOL64).nonzero().flatten().tolist()
     assert near == [1, 9] and 1e-10 < float(err.max()) < TOL_NEAR  # measured 1.2e-9, on those two particles only
     others = torch.ones_like(err, dtype=torch.bool)
     others[b, near] = False
