@@ -217,7 +217,7 @@ def test_compiled_float32_update_matches_eager_and_the_official_update(gold, cap
         print(f"compiled float32: losses {loss_err:.1e}, weights {param_err:.1e}, weights to eager {to_eager:.1e}")
     assert loss_err < TOL32 and param_err < TOL32, (loss_err, param_err)
     # compiled and eager differ by the order of float32 operations only: each of the 5 Adam steps (lr 3e-4) moves a
-    # weight by ~lr, so rounding-level differences stay far below 1e-6 (measured 3e-8)
+    # weight by ~lr, so rounding-level differences stay below 1e-6 (measured 2.4e-7)
     assert to_eager < 1e-6
 
 
@@ -225,7 +225,7 @@ def test_compiled_float64_amortised_update_matches_the_official_update(gold, cap
     """The amortised variant through --compile, in float64: whole_update's own code (gradients by torch.func, the
     global-norm clipping of every optimiser, the Polyak update, Adam) against the official values to 1e-12, where
     float32 rounding would hide a changed Polyak rate or a dropped clipping (Adam is nearly invariant to the scale of
-    its gradients)."""
+    its gradients). About 2 minutes of compilation with a cold inductor cache, 20 s with a warm one."""
     loss_err, param_err, _ = compiled_updates(gold, "avgf", torch.float64, capsys)
     with capsys.disabled():
         print(f"compiled float64 amortised: losses {loss_err:.1e}, weights {param_err:.1e}")
