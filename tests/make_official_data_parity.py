@@ -9,7 +9,7 @@ of github.com/ryanxhr/vgf (commit 3ec8f9b), as main.py calls it (normalize_r=1 a
   D4RL: HDF5 files (observations, actions, rewards, terminals, timeouts, next_observations) with episodes of several
         lengths, cut by terminals, by time limits (timeouts) or left incomplete; actions at and beyond +-1. The official
         envs/d4rl_utils.get_dataset runs unchanged; the `d4rl` package it imports is replaced by the two functions of
-        D4RL (github.com/Farama-Foundation/D4RL) that it uses, taken from the given checkout's source at run time:
+        D4RL (github.com/Farama-Foundation/D4RL, used at 89141a6) that it uses, taken from the checkout's source:
         d4rl.qlearning_dataset and OfflineEnv.get_dataset (the file found under $D4RL_DATASET_DIR by its URL's name).
         `gym` (only its environment registry is read) and the environment construction are stubbed.
   OGBench: npz files in OGBench's raw format (observations, actions, terminals on each trajectory's last row, qpos,

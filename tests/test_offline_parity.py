@@ -262,13 +262,14 @@ def official_distance_svgd_direction(particles, score, alpha, fixed_bandwidth=Fa
 
 
 def test_near_coincident_particles_are_where_the_official_distances_cancel(gold, monkeypatch):
-    """The one documented difference. Two particles clipped to the same coordinates (here at -1 and 1) take the same
-    first Adam step (sign-like) and end up within 4e-9 of each other. Their squared distance, 1e-17, is below the
-    rounding of the official |x|^2 + |y|^2 - 2 x.y (~1e-16 in float64, ~1e-7 in float32): it comes out as noise,
-    floored at 0, and where the noise is negative the floor's zero gradient switches the pair's repulsion off. We
-    compute |x_i - x_j|^2 from differences, so the repulsion 2 gamma k (x_i - x_j) stays (here ~1e-8). As the sign of
-    rounding noise of a matrix product decides it, no other implementation can reproduce it (not even with the same
-    formula: update 4 then differs by 1e-10 instead); the difference is bounded by that repulsion."""
+    """The one documented difference. Two reference samples, (1, 1, -1) and (1, 0.91, -1), take the same first Adam
+    step (sign-like) in the shared coordinates, and the clipping stops both at 1 in the other: they end up within
+    4e-9 of each other. Their squared distance, 1e-17, is below the rounding of the official |x|^2 + |y|^2 - 2 x.y
+    (~1e-16 in float64, ~1e-7 in float32): it comes out as noise, floored at 0, and where the noise is negative the
+    floor's zero gradient switches the pair's repulsion off. We compute |x_i - x_j|^2 from differences, so the
+    repulsion 2 gamma k (x_i - x_j) stays (here ~1e-8). As the sign of rounding noise of a matrix product decides
+    it, no other implementation can reproduce it (not even with the same formula: update 4 then differs by 1e-10
+    instead); the difference is bounded by that repulsion."""
     agent, args = make_agent(gold, "vgf_n10")
     for k in range(1, 5):
         agent.update(batch_of(gold, "vgf_n10", k))
