@@ -17,7 +17,11 @@ recorded as they happen. What is stored:
   <agent>/after<k>/<net>/<flax path>  parameters after k = 1 and k = 5 updates (critic, target_critic, actor_bc,
                                       q_grad)
   <agent>/act/observations, x0, L<l>  acting at L_test = l in 0..3 with the initial parameters and fixed noise
-Agents: vgf (N 5), vgf_n10 (one update at N 10) and avgf (amortised, N 5).
+  config                              json: CONFIG, with AGENTS (each agent's changes to it) under "agents"
+Agents (AGENTS): vgf (N 5, the D4RL setting: min aggregation), vgf_n10 (N 10: N^2 = 100 pairwise distances, so
+the median bandwidth is the mean of two middle values), vgf_ogbench (the OGBench setting of the run scripts: mean
+aggregation, L_train 3, eps 0.05, alpha 0.2, discount 0.995, N 10), all from the same initial parameters, and avgf
+(amortised, N 5).
 """
 import argparse
 import json
@@ -30,6 +34,10 @@ import numpy as np
 CONFIG = dict(obs_dim=6, action_dim=3, hidden=(32, 32), batch_size=16, particles=5, bc_flow_steps=4,
               train_vgf_steps=2, vgf_lr=0.1, vgf_alpha=0.1, discount=0.99, tau=0.005, lr=3e-4, train_q_agg="min",
               vgf_q_agg="mean", updates=5, act_states=4, act_steps=(0, 1, 2, 3), init_noise=0.1)
+AGENTS = dict(vgf={}, vgf_n10=dict(particles=10),
+              vgf_ogbench=dict(particles=10, train_q_agg="mean", train_vgf_steps=3, vgf_lr=0.05, vgf_alpha=0.2,
+                               discount=0.995),
+              avgf={})
 
 
 def main():
@@ -60,7 +68,7 @@ def main():
 
     c = CONFIG
     rng = np.random.default_rng(0)
-    out = {"config": np.array(json.dumps(c))}
+    out = {"config": np.array(json.dumps({**c, "agents": AGENTS}))}
 
     def make_batch():
         b, s, a = c["batch_size"], c["obs_dim"], c["action_dim"]
@@ -113,12 +121,15 @@ def main():
             for k, v in flat(getattr(agent, net).params).items():
                 out[f"{prefix}/{net}/{k}"] = v
 
-    def create(module, cls, n):
-        config = dict(module.get_config())
-        config.update(value_hidden_dims=c["hidden"], actor_hidden_dims=c["hidden"], vgf_particles=n,
-                      bc_flow_steps=c["bc_flow_steps"], train_vgf_steps=c["train_vgf_steps"], vgf_lr=c["vgf_lr"],
-                      vgf_alpha=c["vgf_alpha"], discount=c["discount"], tau=c["tau"], value_lr=c["lr"],
-                      actor_lr=c["lr"], train_q_agg=c["train_q_agg"], vgf_q_agg=c["vgf_q_agg"])
+    def official_config(name):
+        a = {**c, **AGENTS[name]}
+        return dict(value_hidden_dims=a["hidden"], actor_hidden_dims=a["hidden"], vgf_particles=a["particles"],
+                    bc_flow_steps=a["bc_flow_steps"], train_vgf_steps=a["train_vgf_steps"], vgf_lr=a["vgf_lr"],
+                    vgf_alpha=a["vgf_alpha"], discount=a["discount"], tau=a["tau"], value_lr=a["lr"],
+                    actor_lr=a["lr"], train_q_agg=a["train_q_agg"], vgf_q_agg=a["vgf_q_agg"])
+
+    def create(module, cls, name):
+        config = {**module.get_config(), **official_config(name)}
         agent = cls.create(0, jnp.asarray(batches[0]["observations"][:1]), jnp.asarray(batches[0]["actions"][:1]),
                            config)
         # float64 parameters (flax keeps float32 parameters otherwise), perturbed so that biases and LayerNorm
@@ -137,9 +148,11 @@ def main():
         agent = agent.replace(target_critic=agent.target_critic.replace(params=agent.critic.params))
         return agent, nets + ["target_critic"]
 
-    def run_updates(name, agent, nets, n, updates):
+    def run_updates(name, agent, nets):
+        cfg = {**c, **AGENTS[name]}
+        n = cfg["particles"]
         store_params(f"{name}/init", agent, nets)
-        for k in range(1, updates + 1):
+        for k in range(1, c["updates"] + 1):
             batch = batches[k - 1]
             draws.clear(), target_calls.clear(), inits.clear()
             current["target"] = agent.target_critic
@@ -150,8 +163,8 @@ def main():
             (actions, target_q), = target_calls
             b, a = c["batch_size"], c["action_dim"]
             assert x0_target.shape == (b * n, a) and x0_flow.shape == (b, a) and t_flow.shape == (b, 1)
-            agg = target_q.min(0) if c["train_q_agg"] == "min" else target_q.mean(0)
-            td_target = batch["rewards"] + c["discount"] * batch["masks"] * agg.reshape(b, n).mean(1)
+            agg = target_q.min(0) if cfg["train_q_agg"] == "min" else target_q.mean(0)
+            td_target = batch["rewards"] + cfg["discount"] * batch["masks"] * agg.reshape(b, n).mean(1)
             # the TD target rebuilt from the recorded Q_target values reproduces the official critic loss
             loss = ((td_target - np.asarray(q1)) ** 2 + (td_target - np.asarray(q2)) ** 2).mean()
             assert abs(loss - float(info["critic_loss"])) < 1e-12, (loss, info["critic_loss"])
@@ -171,7 +184,8 @@ def main():
                   f"bc loss {float(info['bc_loss']):.6f}")
         return agent
 
-    def run_acting(name, agent, n):
+    def run_acting(name, agent):
+        n = agent.config["vgf_particles"]
         out[f"{name}/act/observations"] = act_obs
         noise = None
         for steps in c["act_steps"]:
@@ -188,15 +202,15 @@ def main():
             out[f"{name}/act/L{steps}"] = np.stack(actions)
         out[f"{name}/act/x0"] = noise
 
-    n = c["particles"]
-    agent, nets = create(vgf, vgf.VGFAgent, n)
-    run_acting("vgf", agent, n)
-    agent10 = agent.replace(config=flax.core.FrozenDict({**agent.config, "vgf_particles": 10}))
-    run_updates("vgf", agent, nets, n, c["updates"])
-    run_updates("vgf_n10", agent10, nets, 10, 1)
-    agent, nets = create(a_vgf, a_vgf.AVGFAgent, n)
-    run_acting("avgf", agent, n)
-    run_updates("avgf", agent, nets, n, c["updates"])
+    agent, nets = create(vgf, vgf.VGFAgent, "vgf")
+    for name in ("vgf", "vgf_n10", "vgf_ogbench"):  # the same initial parameters, each agent's configuration
+        variant = agent.replace(config=flax.core.FrozenDict({**agent.config, **official_config(name)}))
+        if name != "vgf_n10":
+            run_acting(name, variant)
+        run_updates(name, variant, nets)
+    agent, nets = create(a_vgf, a_vgf.AVGFAgent, "avgf")
+    run_acting("avgf", agent)
+    run_updates("avgf", agent, nets)
 
     os.makedirs(os.path.dirname(os.path.abspath(cli.out)), exist_ok=True)
     np.savez_compressed(cli.out, **out)

@@ -2,13 +2,16 @@
 
 tests/data/official_parity.npz was written by tests/make_official_parity.py, which ran the official agents
 (agents/vgf.py, agents/a_vgf.py) in float64 on a small configuration and recorded their initial weights, every random
-draw, the batches and the results. Here the same weights and noise go into our networks: in float64 every quantity
-must agree to 1e-12 (only the order of floating-point operations differs: measured <= 3e-15; torch's
-clip_grad_norm_, which divides by |g| + 1e-6, is already off by 7e-11 after five amortised updates), in float32 the
-losses and the weights after five updates to 1e-5 of the official float64 values (measured <= 1e-6).
+draw, the batches and the results, for the D4RL setting (vgf), N 10 (vgf_n10), the OGBench setting (vgf_ogbench) and
+amortised VGF (avgf). Here the same weights and noise go into our networks: in float64 every quantity must agree to
+1e-12 (only the order of floating-point operations differs: measured <= 4.2e-15), except downstream of two distinct
+particles closer than the official distance formula resolves (test_near_coincident_particles_...); in float32 the
+losses and the weights after one and five updates to 1e-5 of the official float64 values (measured <= 9.4e-7);
+--compile in float32 (vgf) and in float64 (avgf, to 1e-12).
 Regenerate the data with: python tests/make_official_parity.py /path/to/vgf-checkout (needs JAX; see that file).
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -19,6 +22,7 @@ import vgf_offline as vgf
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "official_parity.npz")
 TOL64, TOL32 = 1e-12, 1e-5
+NEAR, TOL_NEAR = 1e-6, 1e-8  # two particles closer than NEAR: see test_near_coincident_particles_...
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +31,17 @@ def gold():
         return {k: f[k] for k in f.files}
 
 
-def make_agent(gold, name, dtype=torch.float64, n=None, **overrides):
-    """Our agent with the official configuration and the official initial weights of agent `name`."""
+def agent_config(gold, name):
+    """The official configuration of agent `name`: the shared one with the agent's changes (make_official_parity)."""
     c = json.loads(str(gold["config"]))
+    return {**c, **c["agents"][name]}
+
+
+def make_agent(gold, name, dtype=torch.float64, **overrides):
+    """Our agent with the official configuration and the official initial weights of agent `name`."""
+    c = agent_config(gold, name)
     args = vgf.Args(hidden_dims=list(c["hidden"]), batch_size=c["batch_size"], learning_rate=c["lr"],
-                    num_particles=n or c["particles"], bc_flow_steps=c["bc_flow_steps"],
+                    num_particles=c["particles"], bc_flow_steps=c["bc_flow_steps"],
                     train_transport_steps=c["train_vgf_steps"], transport_step_size=c["vgf_lr"], alpha=c["vgf_alpha"],
                     discount=c["discount"], tau=c["tau"], target_q_agg=c["train_q_agg"],
                     amortised=name == "avgf", compile=False, cuda=False)
@@ -113,78 +123,168 @@ def step_quantities(agent, args, batch):
     return out
 
 
-@pytest.mark.parametrize("name", ["vgf", "avgf"])
+@pytest.mark.parametrize("name", ["vgf", "vgf_n10", "vgf_ogbench", "avgf"])
 def test_float64_matches_the_official_update_and_acting(gold, name):
+    """vgf: the D4RL setting (min aggregation); vgf_n10: N 10, an even number of pairwise distances, so the median
+    bandwidth is the mean of the two middle ones (and its gradient is split between them) at every transport step;
+    vgf_ogbench: the OGBench setting (mean aggregation, L_train 3, eps 0.05, alpha 0.2, discount 0.995, N 10)."""
     agent, args = make_agent(gold, name)
     errors = {}
     # acting at L_test = 0..3 from the initial weights with the official noise
-    obs = torch.as_tensor(gold[f"{name}/act/observations"])
-    for steps in range(4):
-        actions = vgf.act(agent.flow, agent.critic, obs, args, steps, score_net=agent.score_net,
-                          noise=torch.as_tensor(gold[f"{name}/act/x0"]))
-        errors[f"act L={steps}"] = max_err(actions, gold[f"{name}/act/L{steps}"])
+    if f"{name}/act/x0" in gold:
+        obs = torch.as_tensor(gold[f"{name}/act/observations"])
+        for steps in range(4):
+            actions = vgf.act(agent.flow, agent.critic, obs, args, steps, score_net=agent.score_net,
+                              noise=torch.as_tensor(gold[f"{name}/act/x0"]))
+            errors[f"act L={steps}"] = max_err(actions, gold[f"{name}/act/L{steps}"])
     # five updates; before each, every intermediate quantity from the same weights and noise
+    tol = {}
     for k in range(1, 6):
         batch = batch_of(gold, name, k)
         for key, value in step_quantities(agent, args, batch).items():
             errors[f"{key} ({k})"] = max_err(value, gold[f"{name}/update{k}/{key}"])
+        if not args.amortised and closest_pair(agent, args, batch) < NEAR:  # see test_near_coincident_particles
+            tol.update({f"{key} ({k})": TOL_NEAR for key in ("particles", "td_target", "critic_loss")})
         agent.update(batch)
         if k in (1, 5):
             errors[f"params after {k}"] = max(max_err(ours, theirs) for ours, theirs in zip(
                 our_params(agent), official_params(gold, f"{name}/after{k}", agent)))
     print(name, {key: f"{e:.1e}" for key, e in errors.items()})
-    assert max(errors.values()) < TOL64, errors
-    assert all(key in errors for key in ("params after 1", "params after 5", "act L=3"))
+    bad = {key: e for key, e in errors.items() if not e < tol.get(key, TOL64)}
+    assert not bad, bad
+    assert name != "vgf_n10" or tol  # its update 5 has two near-coincident particles (below)
+    assert all(key in errors for key in ("params after 1", "params after 5", "td_target (5)"))
+    assert name == "vgf_n10" or "act L=3" in errors
 
 
-def test_float64_matches_the_official_td_target_at_ten_particles(gold):
-    agent, args = make_agent(gold, "vgf_n10", n=10)
-    batch = batch_of(gold, "vgf_n10", 1)
-    out = step_quantities(agent, args, batch)
-    for key in ("reference", "particles", "td_target", "critic_loss", "bc_loss"):
-        assert max_err(out[key], gold[f"vgf_n10/update1/{key}"]) < TOL64, key
-    agent.update(batch)
-    assert max(max_err(ours, theirs) for ours, theirs in zip(
-        our_params(agent), official_params(gold, "vgf_n10/after1", agent))) < TOL64
+def test_golden_configurations_cover_the_run_scripts(gold):
+    """The settings of the released run scripts are all in the golden data (a parity test on them can fail)."""
+    og = agent_config(gold, "vgf_ogbench")
+    assert (og["train_q_agg"], og["train_vgf_steps"], og["vgf_lr"], og["vgf_alpha"], og["discount"]) == \
+        ("mean", 3, 0.05, 0.2, 0.995)
+    assert agent_config(gold, "vgf")["train_q_agg"] == "min"
+    for name in ("vgf_n10", "vgf_ogbench"):  # N^2 even: jnp.median's two-middle-value case, in all five updates
+        assert agent_config(gold, name)["particles"] == 10 and f"{name}/update5/particles" in gold
 
 
-def float32_updates(gold, name, **overrides):
-    """Five float32 updates through Agent.update: max abs error of the losses and of the weights after them
+def updates(gold, name, dtype, **overrides):
+    """Five updates through Agent.update: max abs error of the losses and of the weights after one and five updates
     against the official float64 values, and the weights."""
-    agent, args = make_agent(gold, name, dtype=torch.float32, **overrides)
-    loss_err = 0.0
+    agent, args = make_agent(gold, name, dtype=dtype, **overrides)
+    if dtype == torch.float64:  # whole_update's Adam bias corrections 1 - beta^t come from the step counts, float32
+        agent.prepare_optimisers()  # tensors as torch.optim.Adam keeps them (off by 1e-5 relative for 1 - 0.999):
+        for opt in agent.opts:  # float64 counts make them exact (eager torch.optim.Adam computes them in float64)
+            for state in opt.state.values():
+                state["step"] = state["step"].to(torch.float64)
+    loss_err, param_err = 0.0, 0.0
     for k in range(1, 6):
-        metrics = agent.update(batch_of(gold, name, k, torch.float32))
+        metrics = agent.update(batch_of(gold, name, k, dtype))
         loss_err = max(loss_err, abs(metrics["losses/critic_loss"].item() - gold[f"{name}/update{k}/critic_loss"]),
                        abs(metrics["losses/bc_flow_loss"].item() - gold[f"{name}/update{k}/bc_loss"]))
         if args.amortised:
             loss_err = max(loss_err, abs(metrics["losses/score_loss"].item() - gold[f"{name}/update{k}/score_loss"]))
-    params = [p.detach().clone() for p in our_params(agent)]
-    param_err = max(max_err(ours, theirs)
-                    for ours, theirs in zip(params, official_params(gold, f"{name}/after5", agent)))
-    return loss_err, param_err, params
+        if k in (1, 5):
+            param_err = max(param_err, *(max_err(ours, theirs) for ours, theirs in zip(
+                our_params(agent), official_params(gold, f"{name}/after{k}", agent))))
+    return loss_err, param_err, [p.detach().clone() for p in our_params(agent)]
 
 
-@pytest.mark.parametrize("name", ["vgf", "avgf"])
+@pytest.mark.parametrize("name", ["vgf", "vgf_n10", "vgf_ogbench", "avgf"])
 def test_float32_matches_the_official_float64_update(gold, name):
-    loss_err, param_err, _ = float32_updates(gold, name)
+    loss_err, param_err, _ = updates(gold, name, torch.float32)
+    print(name, f"float32: losses {loss_err:.1e}, weights {param_err:.1e}")
     assert loss_err < TOL32 and param_err < TOL32, (loss_err, param_err)
+
+
+def compiled_updates(gold, name, dtype, capsys):
+    """updates() through --compile (torch.compile of whole_update), checking that it really ran compiled."""
+    torch._dynamo.reset()
+    try:
+        out = updates(gold, name, dtype, compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert "compile failed" not in capsys.readouterr().out
+    return out
 
 
 def test_compiled_float32_update_matches_eager_and_the_official_update(gold, capsys):
     """--compile (torch.compile of the whole update): about 3 minutes of compilation on a busy 2-core CPU with a cold
     inductor cache (20 s with a warm one), the rest < 10 s."""
-    torch._dynamo.reset()
-    try:
-        loss_err, param_err, compiled = float32_updates(gold, "vgf", compile=True)
-    finally:
-        torch._dynamo.reset()
-    assert "compile failed" not in capsys.readouterr().out  # it really ran compiled
-    _, _, eager = float32_updates(gold, "vgf")
+    loss_err, param_err, compiled = compiled_updates(gold, "vgf", torch.float32, capsys)
+    _, _, eager = updates(gold, "vgf", torch.float32)
+    to_eager = max(float((a - b).abs().max()) for a, b in zip(compiled, eager))
+    with capsys.disabled():
+        print(f"compiled float32: losses {loss_err:.1e}, weights {param_err:.1e}, weights to eager {to_eager:.1e}")
     assert loss_err < TOL32 and param_err < TOL32, (loss_err, param_err)
     # compiled and eager differ by the order of float32 operations only: each of the 5 Adam steps (lr 3e-4) moves a
-    # weight by ~lr, so rounding-level differences stay far below 1e-6 (measured 3e-8)
-    assert max(float((a - b).abs().max()) for a, b in zip(compiled, eager)) < 1e-6
+    # weight by ~lr, so rounding-level differences stay below 1e-6 (measured 2.4e-7)
+    assert to_eager < 1e-6
+
+
+def test_compiled_float64_amortised_update_matches_the_official_update(gold, capsys):
+    """The amortised variant through --compile, in float64: whole_update's own code (gradients by torch.func, the
+    global-norm clipping of every optimiser, the Polyak update, Adam) against the official values to 1e-12, where
+    float32 rounding would hide a changed Polyak rate or a dropped clipping (Adam is nearly invariant to the scale of
+    its gradients). About 2 minutes of compilation with a cold inductor cache, 20 s with a warm one."""
+    loss_err, param_err, _ = compiled_updates(gold, "avgf", torch.float64, capsys)
+    with capsys.disabled():
+        print(f"compiled float64 amortised: losses {loss_err:.1e}, weights {param_err:.1e}")
+    assert loss_err < TOL64 and param_err < TOL64, (loss_err, param_err)
+def closest_pair(agent, args, batch):
+    """The smallest distance between two distinct particles of one state before any transport step of the TD target
+    (identical particles, e.g. clipped to the same corner, have no repulsion in either implementation)."""
+    b, n = batch["rewards"].shape[0], args.num_particles
+    next_obs = batch["next_observations"]
+    reference = vgf.sample_reference(agent.flow, next_obs.repeat_interleave(n, 0), args.bc_flow_steps,
+                                     noise=batch["target_x0"]).view(b, n, -1)
+    q_fn = lambda o, x: agent.critic(o, x).mean(0)  # noqa: E731
+    dist = math.inf
+    for steps in range(args.train_transport_steps):  # each transport restarts its Adam: its first `steps` steps
+        x = vgf.transport(q_fn, next_obs, reference, steps, args.transport_step_size, args.alpha).detach()
+        d = (x.unsqueeze(2) - x.unsqueeze(1)).pow(2).sum(-1).sqrt()
+        dist = min(dist, float(d.masked_fill(d == 0, math.inf).min()))
+    return dist
+
+
+def official_distance_svgd_direction(particles, score, alpha, fixed_bandwidth=False):
+    """svgd_direction with the official code's squared distances |x|^2 + |y|^2 - 2 x.y, floored at 0 by
+    jnp.maximum, whose gradient is 0 where the unfloored value is negative (1/2 where it is 0); test only."""
+    x = particles.detach()
+    x2 = x.pow(2).sum(-1, keepdim=True)
+    raw = x2 + x2.transpose(1, 2) - 2.0 * x @ x.transpose(1, 2)
+    sq_dists = raw.clamp_min(0.0)
+    gamma, d_gamma = vgf.median_bandwidth(sq_dists)
+    kernel = torch.exp(-gamma * sq_dists)
+    weights = gamma * kernel + (kernel * sq_dists).sum((1, 2), keepdim=True) * d_gamma
+    weights = weights * ((raw > 0).to(x.dtype) + 0.5 * (raw == 0).to(x.dtype))
+    repulsion = 2.0 * (weights.sum(2, keepdim=True) * x - weights @ x)  # the autodiff of the expanded form
+    return (kernel @ score / alpha + repulsion) / x.shape[1]
+
+
+def test_near_coincident_particles_are_where_the_official_distances_cancel(gold, monkeypatch):
+    """The one documented difference. Two reference samples, (1, 1, -1) and (1, 0.91, -1), take the same first Adam
+    step (sign-like) in the shared coordinates, and the clipping stops both at 1 in the other: they end up within
+    4e-9 of each other. Their squared distance, 1e-17, is below the rounding of the official |x|^2 + |y|^2 - 2 x.y
+    (~1e-16 in float64, ~1e-7 in float32): it comes out as noise, floored at 0, and where the noise is negative the
+    floor's zero gradient switches the pair's repulsion off. We compute |x_i - x_j|^2 from differences, so the
+    repulsion 2 gamma k (x_i - x_j) stays (here ~1e-8). As the sign of rounding noise of a matrix product decides
+    it, no other implementation can reproduce it (not even with the same formula: update 4 then differs by 1e-10
+    instead); the difference is bounded by that repulsion."""
+    agent, args = make_agent(gold, "vgf_n10")
+    for k in range(1, 5):
+        agent.update(batch_of(gold, "vgf_n10", k))
+    batch = batch_of(gold, "vgf_n10", 5)
+    assert closest_pair(agent, args, batch) < 1e-8
+    theirs = torch.as_tensor(gold["vgf_n10/update5/particles"])
+    err = (step_quantities(agent, args, batch)["particles"].detach() - theirs).abs()
+    b = int(err.amax((1, 2)).argmax())
+    near = (err[b].amax(1) > TOL64).nonzero().flatten().tolist()
+    assert near == [1, 9] and 1e-10 < float(err.max()) < TOL_NEAR  # measured 1.2e-9, on those two particles only
+    others = torch.ones_like(err, dtype=torch.bool)
+    others[b, near] = False
+    assert float(err[others].max()) < TOL64
+    monkeypatch.setattr(vgf, "svgd_direction", official_distance_svgd_direction)
+    assert max_err(step_quantities(agent, args, batch)["particles"], theirs) < TOL64  # the official formula: 6e-16
 
 
 def test_fixed_bandwidth_differs_from_the_official_repulsion(gold):
