@@ -1329,7 +1329,8 @@ def make_run_folder(run_dir: str):
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
-        raise VGFError(f"cannot create the run folder {run_dir} ({e.strerror or e}); pass another --output-dir") from None
+        raise VGFError(f"cannot create the run folder {run_dir} ({e.strerror or e}); pass another --output-dir") \
+            from None
 
 
 def main(args: Args, explicit: Optional[set] = None):
