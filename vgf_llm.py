@@ -1028,10 +1028,8 @@ def run_labels(summaries):
         same = [t for t, b in zip(summaries, base) if b == label]
         values = lambda k: {json.dumps(t["args"].get(k)) for t in same}
         differ = [k for k in s["args"] if k not in not_options and len(values(k)) > 1]
-        if len(same) > 1:
-            label += ", " + (", ".join(f"{k} {s['args'][k]}" for k in differ[:3]) if differ else s["run_name"])
-        labels.append(label)
-    return labels
+        labels.append(label + "".join(f", {k} {s['args'][k]}" for k in differ[:3]) if len(same) > 1 else label)
+    return [label + (f", {s['run_name']}" if labels.count(label) > 1 else "") for s, label in zip(summaries, labels)]
 
 
 POSITIVE_LABELS = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
