@@ -1133,7 +1133,10 @@ def check_prompt_room(tok, args):
     """--max-prompt-tokens must leave room for the prompt's own text next to the tokens the template always adds."""
     templated = args.chat_template and tok.chat_template
     if templated:
-        fixed = len(template(tok, [{"role": "user", "content": ""}]))
+        try:
+            fixed = len(template(tok, [{"role": "user", "content": ""}]))
+        except Exception:  # a template that rejects an empty turn: prompt_ids applies it to the real prompts
+            return
     else:
         fixed = len(tok("", add_special_tokens=True)["input_ids"])
     if args.max_prompt_tokens <= fixed:

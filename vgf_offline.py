@@ -1439,7 +1439,10 @@ def main(args: Args, explicit: Optional[set] = None):
     reward_transform = lambda r: r * reward_scale + reward_shift
 
     # ALGO LOGIC: training loop (offline steps, then optional online fine-tuning with one env step per iteration)
-    saved_step = start_step if os.path.exists(checkpoint_path) else None  # the step checkpoint_path holds
+    saved_step = None  # the step checkpoint_path holds (for the Ctrl-C message)
+    if os.path.exists(checkpoint_path):
+        resumed_here = args.resume and os.path.samefile(checkpoint_path, path)
+        saved_step = start_step if resumed_here else load_checkpoint(checkpoint_path)["step"]
     first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without host sync
     progress = tqdm(total=last, initial=start_step, dynamic_ncols=True, smoothing=0.05)
     last_time, last_step, metrics, step = time.time(), start_step, None, start_step
