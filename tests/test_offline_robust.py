@@ -556,14 +556,17 @@ def test_plots_legend_beside_the_lines_title_and_integer_ticks(tmp_path, monkeyp
     rows = [dict(env_id="hopper-medium-v2", seed=3, step=s, L_test=L, metric="d4rl_normalized_score",
                  score_mean=10.0 * L + s / 100, score_std=1.0, episodes=5) for s in (100, 200) for L in (0, 1, 2, 3)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    figures = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig),
-                                                                                     save(fig, *a, **k)))
+    seen, save = [], matplotlib.figure.Figure.savefig
+
+    def save_and_measure(fig, *a, **k):
+        save(fig, *a, **k)  # draws the figure: the extents below are those of the file
+        ax = fig.axes[0]
+        legend = ax.get_legend().get_window_extent() if ax.get_legend() else None
+        seen.append((ax.get_title(), list(ax.get_xticks()), legend, ax.get_window_extent(), fig.bbox))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_and_measure)
     vgf.write_plots(str(tmp_path))
-    curve, scaling = (fig.axes[0] for fig in figures)
-    renderer = figures[0].canvas.get_renderer()
-    legend, axes = curve.get_legend().get_window_extent(renderer), curve.get_window_extent(renderer)
-    assert legend.x0 >= axes.x1 and legend.x1 <= figures[0].bbox.x1  # beside the axes, inside the figure
-    assert "hopper-medium-v2" in curve.get_title() and "seed 3" in curve.get_title()
-    assert list(scaling.get_xticks()) == [0, 1, 2, 3]
+    (title, _, legend, axes, page), (_, ticks, _, _, _) = seen
+    assert legend.x0 >= axes.x1 and legend.x1 <= page.x1  # beside the axes (never over a line), inside the figure
+    assert "hopper-medium-v2" in title and "seed 3" in title
+    assert ticks == [0, 1, 2, 3]  # L_test is an integer
