@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -22,21 +22,25 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 
+def shown_default(text: str):
+    """--help shows this default instead of `None` (an option whose default is decided at run time)."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
-    run_name: Optional[str] = None
-    """folder name of this run under --output-dir (default: exp_name__model__seed__time)"""
+    run_name: Annotated[Optional[str], shown_default("exp_name__model__seed__time")] = None
+    """folder name of this run under --output-dir (a folder that already holds files is refused)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (0 to 2**32 - 1)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, a GPU is used when one is available"""
     bf16: bool = True
-    """on CUDA, run the base and reward models in bfloat16 (particles, value head and trained weights stay float32);
-    --no-bf16 keeps float32; ignored on CPU"""
+    """on CUDA, run base and reward models in bfloat16 (particles, value head, trained weights stay float32)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "vgf"
@@ -52,23 +56,21 @@ class Args:
     gguf_file: Optional[str] = None
     """name of a GGUF file inside the --model folder (de-quantised on load)"""
     dataset: str = "Anthropic/hh-rlhf"
-    """preference data: a hub dataset or dataset folder (Anthropic HH, TL;DR preferences) or a local JSONL with
-    prompt, chosen, rejected"""
+    """preference data: a hub dataset or folder (Anthropic HH, TL;DR), or a local JSONL of prompt, chosen, rejected"""
     dataset_config: Optional[str] = None
     """configuration of a hub dataset that has several (e.g. `comparisons` for openai/summarize_from_feedback)"""
-    dataset_subset: Optional[str] = None
-    """data_dir of a hub dataset, e.g. `helpful-base` or `harmless-base` of Anthropic/hh-rlhf (default: all)"""
+    dataset_subset: Annotated[Optional[str], shown_default("all")] = None
+    """data_dir of a hub dataset, e.g. `helpful-base` or `harmless-base` of Anthropic/hh-rlhf"""
     eval_fraction: float = 0.1
-    """share of a local JSONL held out (its last lines) for reward-model accuracy and evaluation prompts (a hub
-    dataset uses its test split; rows of hub data are drawn at random with --seed)"""
+    """share of a local JSONL held out (its last lines) for RM accuracy and eval prompts (hub data: its test split)"""
     chat_template: bool = True
     """wrap prompts in the tokenizer's chat template when it has one"""
     max_prompt_tokens: int = 256
-    """prompts longer than this many tokens lose their oldest text (the chat template's header is kept)"""
+    """prompts longer than this many tokens lose their oldest text (the chat template's tokens are kept)"""
 
     # Value learning (Bradley-Terry reward model)
-    reward_model: Optional[str] = None
-    """a reward-model folder saved by this program to reuse; when absent one is trained and saved"""
+    reward_model: Annotated[Optional[str], shown_default("train one, saved to <run>/reward_model")] = None
+    """a reward-model folder saved by this program, to reuse"""
     rm_train_pairs: int = 20000
     """at most this many training preference pairs"""
     rm_eval_pairs: int = 500
@@ -92,12 +94,11 @@ class Args:
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
     transport: Literal["soft", "embed", "topk"] = "embed"
-    """particle space: soft (per-position logits over mu's top-k tokens), embed (token embeddings projected to mu's
-    top-k), topk (baseline: greedy single-token swaps ranked by the SVGD direction, accepted when log pi* rises)"""
+    """particle space: soft (logits over mu's top-k), embed (embeddings projected to mu's top-k), topk (swaps)"""
     step_size: float = 1.0
-    """epsilon, the Adam learning rate: in logit units (soft) or in nearest-neighbour distances of the table (embed)"""
+    """epsilon in (0, 1000], the Adam learning rate: in logits (soft) or nearest-neighbour distances (embed)"""
     alpha: float = 0.1
-    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units (R is standardised)"""
+    """temperature (> 0, finite) of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units"""
     lm_coef: float = 0.0
     """weight of grad log mu in the score (soft, embed) or of log mu in the acceptance (topk); 0 = the official score"""
     top_k: int = 8
@@ -109,8 +110,7 @@ class Args:
     num_proposals: int = 4
     """topk transport: single-token moves per particle and step that are re-scored exactly"""
     project_every_step: bool = True
-    """embed: score R on the decoded tokens and snap a position onto its token when it changes (else R of the
-    continuous embeddings, decoded only at the end)"""
+    """embed: score R on the decoded tokens and snap a changed position onto its token (else decode at the end)"""
     variable_length: bool = True
     """EOS is a candidate like any other token: responses shorten, or grow one token per step, within max_new_tokens"""
     nll_filter: bool = True
@@ -119,7 +119,7 @@ class Args:
     """compute the prompts' keys and values once per prompt batch and run only the responses in the transport"""
     save_trajectories: bool = False
     """write every particle's text, R and NLL/token after every transport step to trajectories.jsonl"""
-    plot_runs: list[str] = field(default_factory=list)
+    plot_runs: Annotated[list[str], shown_default("none")] = field(default_factory=list)
     """only draw reward_vs_nll.png into --output-dir from these run folders (one line per run), then exit"""
     max_new_tokens: int = 64
     """fixed generation length; responses are truncated after their first EOS"""
@@ -131,9 +131,8 @@ class Args:
     """prompts generated and transported together (memory is bounded by this times num_particles)"""
     micro_batch_size: int = 32
     """sequences per forward pass"""
-    judge: Optional[str] = None
-    """scorer not used for transport: `vader`, a reward-model folder or a hub classifier id (default: the transport
-    RM, flagged)"""
+    judge: Annotated[Optional[str], shown_default("the transport reward model, flagged as not independent")] = None
+    """scorer not used for transport: `vader`, a reward-model folder or a hub classifier id"""
 
 
 # TRY NOT TO MODIFY: loading models and data, with errors that say what to do
@@ -155,6 +154,7 @@ def resolve_model(name: str, gguf_file: Optional[str]):
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     if not os.path.exists(name) and looks_local(name):
         raise VGFError(f"--model {name}: no such file or folder")
+    check_model_path(name, gguf_file)
     if gguf_file and os.path.isdir(name) and not os.path.isfile(os.path.join(name, gguf_file)):
         raise VGFError(f"--gguf-file {gguf_file}: not found in the --model folder {name}")
     if not os.path.exists(name) and "/" not in name:
@@ -163,6 +163,18 @@ def resolve_model(name: str, gguf_file: Optional[str]):
             raise VGFError(f"--model {name!r}: not a folder and not a hub id; pass `org/name` or a local folder")
         name = prefix + name
     return name, gguf_file
+
+
+def check_model_path(name: str, gguf_file: Optional[str]):
+    """A local --model must be a model: a folder with config.json (save_pretrained, `hf download`) or GGUF weights."""
+    if os.path.isfile(name):
+        raise VGFError(f"--model {name} is a file but not a .gguf model; pass a model folder (config.json and "
+                       "weights), a .gguf file or a hub id")
+    if os.path.isdir(name) and not gguf_file and not os.path.isfile(os.path.join(name, "config.json")):
+        ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
+        hint = f"; for its GGUF weights add --gguf-file {ggufs[0]}" if ggufs else ""
+        raise VGFError(f"--model {name}: the folder holds no config.json, so it is not a model folder{hint}. Pass a "
+                       "folder written by save_pretrained or `hf download`, a .gguf file or a hub id")
 
 
 def from_pretrained(cls, name, **kw):
@@ -308,7 +320,7 @@ def load_preferences(args):
         except UnicodeDecodeError:
             raise VGFError(f"--dataset {args.dataset}: not a text JSONL file") from None
         n_test = max(1, int(len(rows) * args.eval_fraction))
-        return rows[:-n_test], rows[-n_test:]
+        return usable_pairs(rows[:-n_test], "training", args), usable_pairs(rows[-n_test:], "held-out", args)
     try:
         import datasets
     except ImportError:
@@ -341,7 +353,22 @@ def load_preferences(args):
         return [preference_row(r) for r in d.select(range(min(n, len(d))))]
 
     n_test = max(args.rm_eval_pairs, 4 * args.num_eval_prompts)
-    return rows("train", args.rm_train_pairs), rows(test_split, n_test)
+    return (usable_pairs(rows("train", args.rm_train_pairs), "training", args),
+            usable_pairs(rows(test_split, n_test), "held-out", args))
+
+
+def usable_pairs(rows, part, args):
+    """Pairs whose chosen and rejected texts are the same (both empty, say) state no preference: they are left out
+    with a warning (Bradley-Terry cannot learn from them and they would count as errors in the accuracy); none left
+    is an error."""
+    kept = [r for r in rows if r["chosen"].strip() != r["rejected"].strip()]
+    if not kept:
+        raise VGFError(f"--dataset {args.dataset}: every one of the {len(rows)} {part} pairs has the same chosen and "
+                       "rejected text (e.g. both empty), so there is no preference to learn; check the file")
+    if len(kept) < len(rows):
+        print(f"warning: --dataset {args.dataset}: {len(rows) - len(kept)} of {len(rows)} {part} pairs have the same "
+              "chosen and rejected text (no preference); they are left out")
+    return kept
 
 
 def template(tok, turns):
@@ -605,6 +632,9 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     loss, acc = bradley_terry_loss(rc, rr)
     if standardise:
         allr = torch.cat([rc, rr])
+        if len(allr) > 1 and not allr.std() > 1e-6:
+            raise VGFError(f"the reward model gives every held-out response the same reward (std {allr.std():.2g}), "
+                           "so R cannot be standardised; check the --dataset responses or train longer (--rm-epochs)")
         mean, std = allr.mean(), allr.std().clamp(min=1e-6) if len(allr) > 1 else torch.tensor(1.0)
         rm.head.weight.div_(std), rm.head.bias.sub_(mean).div_(std)
     return dict(heldout_accuracy=acc.item(), heldout_bt_loss=loss.item(), heldout_pairs=len(p))
@@ -968,22 +998,38 @@ def plot_reward_vs_nll(summaries, folder):
     if len({round(s["transport"]["0"]["judge"], 9) for s in summaries if "0" in s["transport"]}) > 1:
         print("warning: the runs' best-of-N scores differ: they were not run on the same prompts and samples")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for s in summaries:
-        a = s["args"]
-        label = a["transport"] + (f" ε {a['step_size']:g}" if a["transport"] != "topk" else "")  # topk takes no ε
-        label += f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] else ""
+    for s, label in zip(summaries, run_labels(summaries)):
         Ls = sorted(int(L) for L in s["transport"])
         res = [s["transport"][str(L)] for L in Ls]
         for ax, key, err in zip(axes, ("judge", "nll_per_token"), ("judge_diff_se", "nll_diff_se")):
             yerr = [r.get(err, 0) for r in res]
             ax.errorbar(Ls, [r[key] for r in res], yerr=yerr, marker="o", capsize=3, label=label)
-    axes[0].set(xlabel="transport steps L (0 = best-of-N)", ylabel=f"judge ({summaries[0]['judge']})")
+    axes[0].set(xlabel="transport steps L (0 = best-of-N)", ylabel="judge score")
+    axes[0].set_title(f"judge: {summaries[0]['judge']}", fontsize=9)
     axes[1].set(xlabel="transport steps L (0 = best-of-N)", ylabel="NLL / token under mu")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(folder, exist_ok=True)
     fig.savefig(os.path.join(folder, "reward_vs_nll.png"), dpi=80)
     plt.close(fig)
+
+
+def run_labels(summaries):
+    """One legend label per run: transport, ε (topk takes none) and lm_coef; runs that would share a label get the
+    options that differ between them added (their run names when no option differs)."""
+    base = []
+    for s in summaries:
+        a = s["args"]
+        label = a["transport"] + (f" ε {a['step_size']:g}" if a["transport"] != "topk" else "")
+        base.append(label + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] else ""))
+    not_options = {"run_name", "output_dir", "plot_runs", "exp_name", "track", "wandb_project_name", "wandb_entity"}
+    labels = []
+    for s, label in zip(summaries, base):
+        same = [t for t, b in zip(summaries, base) if b == label]
+        values = lambda k: {json.dumps(t["args"].get(k)) for t in same}
+        differ = [k for k in s["args"] if k not in not_options and len(values(k)) > 1]
+        labels.append(label + "".join(f", {k} {s['args'][k]}" for k in differ[:3]) if len(same) > 1 else label)
+    return [label + (f", {s['run_name']}" if labels.count(label) > 1 else "") for s, label in zip(summaries, labels)]
 
 
 POSITIVE_LABELS = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
@@ -1036,18 +1082,68 @@ def check_args(args):
         raise VGFError(f"--rm-epochs must be non-negative (got {args.rm_epochs})")
     if not 0 < args.eval_fraction < 1:
         raise VGFError(f"--eval-fraction must lie in (0, 1) (got {args.eval_fraction})")
+    if not 0 <= args.seed < 2**32:
+        raise VGFError(f"--seed must lie in [0, 2**32 - 1] (got {args.seed})")
     for name in ("alpha", "rm_lr", "step_size"):
-        if not getattr(args, name) > 0:
-            raise VGFError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+        if not 0 < getattr(args, name) < math.inf:
+            raise VGFError(f"--{name.replace('_', '-')} must be positive and finite (got {getattr(args, name)})")
+    if args.step_size > MAX_STEP_SIZE:
+        raise VGFError(f"--step-size must be at most {MAX_STEP_SIZE:g} (got {args.step_size:g}): it is in logits "
+                       "(soft) or nearest-neighbour distances (embed), and far larger steps overflow float32")
     if not args.temperature >= 0 or not math.isfinite(args.lm_coef):
         raise VGFError(f"--temperature must be >= 0 and --lm-coef finite (got {args.temperature}, {args.lm_coef})")
-    if not args.transport_steps or min(args.transport_steps) < 0:
-        raise VGFError("--transport-steps needs non-negative integers, e.g. 0 1 2 4 8")
+    if not args.transport_steps or min(args.transport_steps) < 0 or 0 not in args.transport_steps:
+        raise VGFError("--transport-steps needs non-negative integers including 0 (best-of-N, the baseline), e.g. "
+                       "0 1 2 4 8")
     if args.reward_model and not os.path.isfile(os.path.join(args.reward_model, "vgf_reward.json")):
         raise VGFError(f"--reward-model {args.reward_model}: not a reward-model folder of this program "
                        "(no vgf_reward.json)")
     if args.judge and args.judge != "vader" and not os.path.exists(args.judge) and looks_local(args.judge):
         raise VGFError(f"--judge {args.judge}: no such folder")
+    if args.judge == "vader" and importlib.util.find_spec("vaderSentiment") is None:
+        raise VGFError("--judge vader needs the vaderSentiment package: `pip install vaderSentiment`")
+    check_output_dir(args)
+
+
+MAX_STEP_SIZE = 1000.0
+
+
+def check_output_dir(args):
+    """--output-dir must be (or can become) a writable folder, and an explicit --run-name must not name a folder that
+    already holds files: two runs never share one (events, summary and reward model would mix or be overwritten)."""
+    run_dir = os.path.join(args.output_dir, args.run_name) if args.run_name else args.output_dir
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise VGFError(f"--output-dir / --run-name: {run_dir} is a file, not a folder; pass another")
+    if args.run_name and os.path.isdir(run_dir) and os.listdir(run_dir):
+        reuse = os.path.join(run_dir, "reward_model")
+        hint = f" (reuse its reward model with --reward-model {reuse})" if os.path.isdir(reuse) else ""
+        raise VGFError(f"--run-name {args.run_name}: {run_dir} already holds a run; pass another --run-name or delete "
+                       f"the folder{hint}")
+    folder = os.path.abspath(run_dir)
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise VGFError(f"--output-dir {args.output_dir}: {folder} is a file, not a folder; pass a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VGFError(f"--output-dir {args.output_dir}: cannot write into {folder} (permission denied); pass a "
+                       "writable folder")
+
+
+def check_prompt_room(tok, args):
+    """--max-prompt-tokens must leave room for the prompt's own text next to the tokens the template always adds."""
+    templated = args.chat_template and tok.chat_template
+    if templated:
+        try:
+            fixed = len(template(tok, [{"role": "user", "content": ""}]))
+        except Exception:  # a template that rejects an empty turn: prompt_ids applies it to the real prompts
+            return
+    else:
+        fixed = len(tok("", add_special_tokens=True)["input_ids"])
+    if args.max_prompt_tokens <= fixed:
+        what = "the chat template alone takes" if templated else "the special tokens take"
+        raise VGFError(f"--max-prompt-tokens {args.max_prompt_tokens} leaves no room for the prompt's text: {what} "
+                       f"{fixed} tokens; pass at least {fixed + 1} (default 256)"
+                       + (" or --no-chat-template" if templated else ""))
 
 
 def sync(device):
@@ -1062,6 +1158,33 @@ def synced(device, out):
 
 
 NEW_RUN_DIRS = []  # run folders this process created; removed again when the run fails before writing results
+
+
+def remove_unfinished_run_dirs():
+    """After an error or Ctrl-C: remove the run folders this process created, except those holding results or a
+    trained reward model (returned)."""
+    kept = []
+    for d in NEW_RUN_DIRS:
+        if os.path.exists(os.path.join(d, "summary.json")) or os.path.exists(os.path.join(d, "reward_model")):
+            kept += [d] if os.path.exists(os.path.join(d, "reward_model")) else []
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    return kept
+
+
+def read_summaries(folders):
+    """summary.json of each --plot-runs folder."""
+    runs = []
+    for d in folders:
+        path = os.path.join(d, "summary.json")
+        if not os.path.isfile(path):
+            raise VGFError(f"--plot-runs: no summary.json in {d}; pass finished run folders")
+        try:
+            runs.append(json.load(open(path)))
+            runs[-1]["transport"]["0"], runs[-1]["args"]["transport"]  # keys the plot reads
+        except (ValueError, KeyError, TypeError) as e:
+            raise VGFError(f"--plot-runs: {path} is not a summary of this program ({type(e).__name__}: {e})") from None
+    return runs
 
 
 def main(args):
@@ -1098,6 +1221,7 @@ def main(args):
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(model_path, gguf_file)
+    check_prompt_room(tok, args)
     train_rows, test_rows = load_preferences(args)  # data problems surface before the model loads
     lm = from_pretrained(AutoModelForCausalLM, model_path, gguf_file=gguf_file, dtype=dtype).to(device).eval()
     lm.requires_grad_(False)
@@ -1395,16 +1519,19 @@ if __name__ == "__main__":
     try:
         args = tyro.cli(Args)
         if args.plot_runs:  # only the comparison plot of finished runs
-            missing = [d for d in args.plot_runs if not os.path.isfile(os.path.join(d, "summary.json"))]
-            if missing:
-                raise VGFError(f"--plot-runs: no summary.json in {missing}; pass finished run folders")
-            runs = [json.load(open(os.path.join(d, "summary.json"))) for d in args.plot_runs]
+            runs = read_summaries(args.plot_runs)
+            check_output_dir(args)
             plot_reward_vs_nll(runs, args.output_dir)
+            print(f"wrote {os.path.join(args.output_dir, 'reward_vs_nll.png')}: " + "; ".join(
+                f"{d} as '{label}'" for d, label in zip(args.plot_runs, run_labels(runs))))
         else:
             main(args)
     except VGFError as e:
-        for d in NEW_RUN_DIRS:  # keep a reward model that was already trained and saved
-            if not any(os.path.exists(os.path.join(d, f)) for f in ("summary.json", "reward_model")):
-                shutil.rmtree(d, ignore_errors=True)
+        remove_unfinished_run_dirs()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # one line, no traceback
+        kept = remove_unfinished_run_dirs()
+        print("\ninterrupted" + "".join(f"; the trained reward model is kept: reuse it with --reward-model "
+                                       f"{os.path.join(d, 'reward_model')}" for d in kept), file=sys.stderr)
+        sys.exit(130)

@@ -15,7 +15,7 @@ import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Dict, List, Literal, Optional
+from typing import Annotated, Callable, Dict, List, Literal, Optional
 
 import gymnasium as gym
 import mujoco
@@ -28,15 +28,19 @@ import tyro
 CHECKPOINT_FORMAT = "vgf_offline/1"
 
 
+def shown_default(text: str):
+    """--help shows this default instead of `None` (options filled per task from SUITE_DEFAULTS / task_defaults)."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {text})")
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     env_id: str = "halfcheetah-medium-v2"
-    """D4RL id (hopper-medium-replay-v2, antmaze-large-diverse-v2, pen-cloned-v1) or OGBench singletask id
-    (cube-double-play-singletask-v0, puzzle-4x4-play-singletask-task4-v0)"""
+    """D4RL id (hopper-medium-replay-v2, pen-cloned-v1) or OGBench singletask id (cube-double-play-singletask-v0)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (0 to 2**32 - 1)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -49,58 +53,67 @@ class Args:
     """the entity (team) of the wandb project"""
     output_dir: str = "runs"
     """runs are written to <output-dir>/<run-name>/ (tensorboard events, eval.jsonl, checkpoint.pt)"""
-    run_name: Optional[str] = None
-    """name of the run folder; default <env-id>__<exp-name>__<seed>__<unix time>"""
-    dataset_dir: Optional[str] = None
-    """where datasets are read from / downloaded to; default $D4RL_DATASET_DIR or ~/.d4rl/datasets (D4RL),
-    ~/.ogbench/data (OGBench)"""
+    run_name: Annotated[Optional[str], shown_default("<env-id>__<exp-name>__<seed>__<unix time>")] = None
+    """name of the run folder (a folder that already holds a run is refused)"""
+    dataset_dir: Annotated[Optional[str], shown_default("$D4RL_DATASET_DIR or ~/.d4rl/datasets (D4RL), "
+                                                        "~/.ogbench/data (OGBench)")] = None
+    """where datasets are read from / downloaded to"""
     save_model: bool = False
     """save <run>/checkpoint.pt (networks, optimisers, RNG states) at every evaluation and at the end"""
     resume: Optional[str] = None
-    """path of a checkpoint to continue training from (fields left at their defaults are taken from it)"""
+    """path of a checkpoint to continue training from (options not given on the command line are taken from it)"""
     eval_only: bool = False
     """only evaluate the checkpoint given by --checkpoint, for every --eval-transport-steps"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
 
     # Algorithm specific arguments (None = the per-suite default of SUITE_DEFAULTS)
-    total_steps: Optional[int] = None
-    """number of gradient steps"""
+    total_steps: Annotated[Optional[int], shown_default(
+        "1M (D4RL, OGBench); 2M OGBench antmaze-large, 3M antmaze-giant; 500k D4RL with --online-steps; 1M with "
+        "--amortised --online-steps")] = None
+    """number of (offline) gradient steps"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
     """Adam learning rate of the critic and of the behaviour flow"""
     hidden_dims: List[int] = field(default_factory=lambda: [512, 512, 512, 512])
     """hidden layer sizes of the critic and of the behaviour flow"""
-    discount: Optional[float] = None
+    discount: Annotated[Optional[float], shown_default(
+        "0.99 (D4RL, OGBench manipulation, OGBench antmaze-giant); 0.995 (other OGBench navigation, and "
+        "antmaze-giant with --amortised --online-steps)")] = None
     """discount factor gamma"""
     tau: float = 0.005
     """Polyak rate of the target critic"""
-    num_particles: Optional[int] = None
-    """N, particles (candidate actions) drawn from the reference policy per state (default 10; 5 with --amortised)"""
+    num_particles: Annotated[Optional[int], shown_default("10; 5 with --amortised")] = None
+    """N, particles (candidate actions) drawn from the reference policy per state"""
     bc_flow_steps: int = 10
     """K, Euler steps of the flow-matching reference sampler"""
-    train_transport_steps: Optional[int] = None
+    train_transport_steps: Annotated[Optional[int], shown_default(
+        "5 (D4RL), 3 (OGBench); OGBench with --online-steps 5, with --amortised --online-steps antmaze 5, "
+        "humanoidmaze 1, antsoccer 2, cube 1, scene 1, puzzle 5")] = None
     """L_train, SVGD steps applied to the particles of the TD target"""
-    transport_step_size: Optional[float] = None
+    transport_step_size: Annotated[Optional[float], shown_default(
+        "0.1 (D4RL), 0.05 (OGBench); OGBench with --online-steps 0.1, with --amortised --online-steps antmaze "
+        "0.1, humanoidmaze 0.05, antsoccer 0.05, cube 0.05, scene 0.1, puzzle 0.1")] = None
     """eps, SVGD step size (the learning rate of the per-transport Adam)"""
-    alpha: Optional[float] = None
+    alpha: Annotated[Optional[float], shown_default(
+        "0.1 (D4RL), 0.2 (OGBench); 1.0 OGBench with --online-steps (not --amortised)")] = None
     """temperature of the Boltzmann target pi* ∝ mu exp(Q/alpha); the score is grad Q / alpha"""
-    target_q_agg: Optional[Literal["min", "mean"]] = None
+    target_q_agg: Annotated[Optional[Literal["min", "mean"]], shown_default(
+        "min (D4RL, OGBench antmaze), mean (other OGBench)")] = None
     """aggregation of the two critics in the TD target and for action selection"""
     amortised: bool = False
     """amortised VGF: a network f(s, a) trained to match grad_a Q at dataset actions drives the transport (no kernel)"""
     fixed_bandwidth: bool = False
-    """textbook SVGD: the repulsion holds the median bandwidth fixed; the official code and the paper's numbers
-    differentiate through it"""
+    """textbook SVGD: hold the median bandwidth fixed in the repulsion (the official code differentiates through it)"""
     action_selection: Literal["max", "softmax", "random"] = "max"
     """how the acting particle is picked among the N transported ones"""
-    eval_every: Optional[int] = None
+    eval_every: Annotated[Optional[int], shown_default("50k (D4RL), 100k (OGBench)")] = None
     """evaluate every this many gradient steps (and at the end); 0 = only at the end"""
-    eval_episodes: Optional[int] = None
+    eval_episodes: Annotated[Optional[int], shown_default("50")] = None
     """episodes per evaluation and per L_test, run as one batch of environments"""
     eval_transport_steps: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """L_test values evaluated at every evaluation (0 = best-of-N from the reference policy)"""
+    """L_test values evaluated at every evaluation, each once (0 = best-of-N from the reference policy)"""
     log_every: int = 1000
     """write losses to tensorboard (and the progress bar) at the first step and every this many steps"""
     online_steps: int = 0
@@ -108,14 +121,12 @@ class Args:
     online_warmup: int = 5000
     """online steps collected (acting with best-of-N, L = 0) before the updates resume"""
     reward_scale_episodes: Literal["official", "true"] = "official"
-    """returns behind the D4RL locomotion / Adroit reward scale 1000 / (max - min return): 'official' of windows cut at
-    terminals or every 1000 rows of the timeout-stripped transitions (official code), 'true' of the true episodes"""
+    """episodes of the D4RL reward scale 1000 / (max - min return): official code's 1000-row windows, or true ones"""
 
     # Speed options: each keeps results equal up to float32 rounding (tests/test_offline_speed.py), except
     # --cpu-bf16-matmul, which is reduced precision; --tf32 is the GPU default of JAX as well
     compile: bool = True
-    """torch.compile the whole update (TD target, losses, gradients, Adam, Polyak) as one graph (about a minute of
-    compilation; falls back to the eager update if it fails)"""
+    """torch.compile the whole update as one graph (about a minute to compile; the eager update if it fails)"""
     cudagraphs: bool = False
     """on CUDA, capture the whole update (compiled or not) once as a CUDA graph and replay it: one launch per update"""
     tf32: bool = True
@@ -127,8 +138,8 @@ class Args:
     CPU matmul is exact float32 (as the official code on CPU)"""
     fused_adam: bool = True
     """fused Adam kernels in the eager update (--no-compile); with --compile Adam is part of the compiled graph"""
-    threads: Optional[int] = None
-    """CPU threads of PyTorch (default: one per core; 1 is fastest when other programs keep the cores busy)"""
+    threads: Annotated[Optional[int], shown_default("one per core")] = None
+    """CPU threads of PyTorch (1 is fastest when other programs keep the cores busy)"""
 
 
 # Per-suite defaults from the released run scripts (run_scripts/*.sh of the official code); task_defaults adds their
@@ -261,6 +272,9 @@ def validate(args: Args):
         ("eval_episodes", args.eval_episodes >= 1, ">= 1"),
         ("eval_transport_steps", len(args.eval_transport_steps) >= 1 and min(args.eval_transport_steps) >= 0,
          "one or more values >= 0"),
+        ("eval_transport_steps", len(set(args.eval_transport_steps)) == len(args.eval_transport_steps),
+         "distinct values (each L_test once)"),
+        ("seed", 0 <= args.seed < 2**32, "in [0, 2**32 - 1]"),
         ("log_every", args.log_every >= 1, ">= 1"),
         ("online_steps", args.online_steps >= 0, ">= 0"),
         ("online_warmup", args.online_warmup >= 0, ">= 0"),
@@ -274,6 +288,47 @@ def validate(args: Args):
             bad.append(f"--{name.replace('_', '-')} {shown} is out of range: must be {valid_range}")
     if bad:
         raise VGFError("\n  ".join(bad))
+
+
+def given_options(argv: List[str]) -> set:
+    """The Args fields named on the command line (`--env-id X`, `--env-id=X`, `--no-compile`), even when the value
+    given equals the default: those win over a checkpoint's values."""
+    known, names = {f.name for f in fields(Args)}, set()
+    for word in argv:
+        if word.startswith("--"):
+            name = word[2:].split("=")[0].replace("-", "_")
+            name = name[3:] if name not in known and name.startswith("no_") else name
+            names |= {name} & known
+    return names
+
+
+def check_run_folder(run_dir: str, continues_step: Optional[int] = None):
+    """Two runs never share a folder (their eval.jsonl and events would merge into one curve). --resume may continue
+    in the checkpoint's own folder (continues_step: the checkpoint's step) unless it holds evaluations past that
+    step. The folder's nearest existing parent must be a writable folder."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise VGFError(f"the run folder {run_dir} is a file; pass another --run-name or --output-dir")
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if continues_step is None:
+            raise VGFError(f"{run_dir} already holds a run; pass another --run-name (or --output-dir), or delete it "
+                           f"(--resume PATH continues a run in its own folder)")
+        eval_path, steps = os.path.join(run_dir, "eval.jsonl"), []
+        if os.path.isfile(eval_path):
+            try:
+                steps = [json.loads(line)["step"] for line in open(eval_path) if line.strip()]
+            except (ValueError, KeyError, TypeError):
+                raise VGFError(f"{eval_path} is not a list of evaluations; pass --run-name NEW to continue in a new "
+                               "folder") from None
+        if steps and max(steps) > continues_step:
+            raise VGFError(f"{run_dir} holds evaluations up to step {max(steps)}, past the checkpoint's step "
+                           f"{continues_step}; pass --run-name NEW to continue this checkpoint in a new folder")
+    folder = os.path.abspath(run_dir)
+    while not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise VGFError(f"--output-dir: {folder} is a file, not a folder; pass a folder")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VGFError(f"--output-dir: cannot write into {folder} (permission denied); pass a writable --output-dir")
 
 
 def download(url: str, path: str, where_hint: str):
@@ -308,6 +363,44 @@ def download(url: str, path: str, where_hint: str):
     os.replace(tmp, path)
 
 
+def must_download(path: str) -> bool:
+    """True when the dataset file does not exist. A file that exists but cannot be read (or sits in a folder that
+    cannot be entered) is an error, never a reason to download it again."""
+    try:
+        with open(path, "rb"):
+            return False
+    except FileNotFoundError:
+        return True
+    except PermissionError:
+        raise VGFError(f"dataset file {path} cannot be read (permission denied on the file or a folder above it); "
+                       "fix the permissions or pass another --dataset-dir") from None
+    except OSError as e:
+        raise VGFError(f"dataset file {path} cannot be read ({e.strerror or e}); pass another --dataset-dir") from None
+
+
+def check_binary(arrays: Dict[str, np.ndarray], path: str):
+    """terminals / timeouts must be 0 or 1: a fractional flag would silently become 'true' (every row an end)."""
+    for key, value in arrays.items():
+        bad = ~np.isin(value, (0, 1))
+        if bad.any():
+            row = np.flatnonzero(bad)[0]
+            raise VGFError(f"{path}: key '{key}' must hold 0 or 1 (booleans), but row {row} holds {value[row]} "
+                           f"({bad.sum()} row(s) in all); repair the file")
+
+
+def check_action_range(actions: np.ndarray, path: str, tolerance: float = 1e-3):
+    """The policy acts in [-1, 1] and dataset actions are clipped to it (official code). Actions outside are clipped
+    with a warning; a dataset in other units (more than 1 % of the entries beyond +-1.5) is refused."""
+    outside = np.abs(actions) > 1 + tolerance
+    if outside.any():
+        share, largest = 100.0 * outside.mean(), float(np.abs(actions).max())
+        if (np.abs(actions) > 1.5).mean() > 0.01:
+            raise VGFError(f"{path}: {share:.1f} % of the action entries lie outside [-1, 1] (largest |a| "
+                           f"{largest:.3g}); the policy acts in [-1, 1]: rescale the actions to it")
+        print(f"warning: {path}: {share:.3f} % of the action entries lie outside [-1, 1] (largest |a| {largest:.3g}); "
+              "they are clipped to [-1, 1]")
+
+
 def check_finite(arrays: Dict[str, np.ndarray], path: str):
     """A NaN or inf in the data would only surface much later as a non-finite loss: name the key and the first row."""
     for key, value in arrays.items():
@@ -338,6 +431,8 @@ def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
             raise VGFError(f"{path}: key '{k}' has shape {v.shape}; expected {n} rows like 'observations' "
                            f"{data['observations'].shape}, 1-D for rewards/terminals/timeouts and 2-D otherwise")
     check_finite(data, path)
+    check_binary({k: data[k] for k in ("terminals", "timeouts") if k in data}, path)
+    check_action_range(data["actions"], path)
     return data
 
 
@@ -397,7 +492,7 @@ def load_dataset(args: Args):
     if spec["suite"].startswith("d4rl"):
         folder = args.dataset_dir or os.environ.get("D4RL_DATASET_DIR") or os.path.expanduser("~/.d4rl/datasets")
         path = os.path.join(folder, spec["file_name"])
-        if not os.path.exists(path):
+        if must_download(path):
             print(f"downloading {spec['url']} -> {path}")
             download(spec["url"], path, "--dataset-dir / $D4RL_DATASET_DIR")
         raw = read_d4rl_hdf5(path)
@@ -430,7 +525,7 @@ def load_dataset(args: Args):
         folder = os.path.expanduser(args.dataset_dir or "~/.ogbench/data")
         for name in (spec["dataset_name"], spec["dataset_name"] + "-val"):
             path = os.path.join(folder, name + ".npz")
-            if not os.path.exists(path):
+            if must_download(path):
                 print(f"downloading {ogbench.utils.DATASET_URL}/{name}.npz -> {path}")
                 download(f"{ogbench.utils.DATASET_URL}/{name}.npz", path, "--dataset-dir")
         path = os.path.join(folder, spec["dataset_name"] + ".npz")
@@ -438,6 +533,8 @@ def load_dataset(args: Args):
             with np.load(path) as raw:  # one key at a time; qpos gives the relabelled rewards
                 for key in set(raw.files) & {"observations", "actions", "qpos", "qvel"}:
                     check_finite({key: raw[key]}, path)
+                if "actions" in raw.files:
+                    check_action_range(raw["actions"], path)
             _, train, _ = ogbench.make_env_and_datasets(args.env_id, dataset_dir=folder, **ogbench_env_kwargs())
         except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
             raise VGFError(f"could not read the OGBench dataset {spec['dataset_name']} in {folder}: {e!r}. The npz "
@@ -1104,20 +1201,22 @@ def write_plots(run_dir: str):
     if not rows:
         return
     label = "success rate (%)" if rows[0]["metric"] == "success_rate_percent" else "D4RL normalised score"
-    fig, ax = plt.subplots(figsize=(6, 4))
+    name = f"{rows[0]['env_id']}, seed {rows[0]['seed']}" if "env_id" in rows[0] else os.path.basename(run_dir)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for L in sorted({r["L_test"] for r in rows}):
         points = sorted((r["step"], r["score_mean"]) for r in rows if r["L_test"] == L)
         ax.plot(*zip(*points), marker="o", label=f"L_test = {L}")
-    ax.set(xlabel="gradient step", ylabel=label, title=os.path.basename(run_dir)[:60])
-    ax.legend()
+    ax.set(xlabel="gradient step", ylabel=label, title=name)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside the axes, never over a line
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "eval_curve.png"), dpi=120)
     final = sorted((r for r in rows if r["step"] == rows[-1]["step"]), key=lambda r: r["L_test"])
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.errorbar([r["L_test"] for r in final], [r["score_mean"] for r in final], marker="o", capsize=3,
                 yerr=[r["score_std"] / math.sqrt(r["episodes"]) for r in final])  # standard error over episodes
+    ax.set_xticks([r["L_test"] for r in final])  # L_test is an integer: a tick at each evaluated value only
     ax.set(xlabel="test-time transport steps L_test", ylabel=label,
-           title=f"test-time scaling at step {final[0]['step']}")
+           title=f"{name}\ntest-time scaling at step {final[0]['step']}")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "test_time_scaling.png"), dpi=120)
     plt.close("all")
@@ -1138,6 +1237,10 @@ def save_checkpoint(path: str, agent: Agent, args: Args, step: int, dims: Dict, 
 
 
 def load_checkpoint(path: str) -> Dict:
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        hint = f"pass {inside}" if os.path.isfile(inside) else "pass the checkpoint.pt file (--save-model writes one)"
+        raise VGFError(f"checkpoint {path} is a folder, not a checkpoint file; {hint}")
     if not os.path.isfile(path):
         raise VGFError(f"checkpoint {path} does not exist")
     try:
@@ -1152,10 +1255,12 @@ def load_checkpoint(path: str) -> Dict:
 STRUCTURAL_FIELDS = ("env_id", "hidden_dims", "amortised")  # a checkpoint cannot be loaded if these differ
 
 
-def merge_checkpoint_args(cli: Args, saved: Dict, path: str) -> Args:
-    """Fields set away from their defaults on the command line win, except structural ones, which must match."""
-    defaults = Args()
-    explicit = {name for name, value in asdict(cli).items() if value != getattr(defaults, name)}
+def merge_checkpoint_args(cli: Args, saved: Dict, path: str, explicit: Optional[set] = None) -> Args:
+    """Fields given on the command line (explicit; default: those set away from their defaults) win, except
+    structural ones, which must match."""
+    if explicit is None:
+        defaults = Args()
+        explicit = {name for name, value in asdict(cli).items() if value != getattr(defaults, name)}
     for name in STRUCTURAL_FIELDS:
         if name in explicit and getattr(cli, name) != saved[name]:
             raise VGFError(f"checkpoint {path} is incompatible: it was trained with --{name.replace('_', '-')} "
@@ -1229,14 +1334,23 @@ def online_step(agent: Agent, online: Dict, buffer: Dict[str, torch.Tensor], arg
         online["obs"] = None
 
 
-def main(args: Args):
+def make_run_folder(run_dir: str):
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise VGFError(f"cannot create the run folder {run_dir} ({e.strerror or e}); pass another --output-dir") \
+            from None
+
+
+def main(args: Args, explicit: Optional[set] = None):
+    """explicit: the options named on the command line (given_options); they win over a checkpoint's values."""
     if args.eval_only or args.resume:
         path = args.checkpoint if args.eval_only else args.resume
         if args.eval_only and not path:
             raise VGFError("--eval-only needs --checkpoint PATH")
         state = load_checkpoint(path)
         explicit_run_name = args.run_name
-        args = merge_checkpoint_args(args, state["args"], path)
+        args = merge_checkpoint_args(args, state["args"], path, explicit)
         if args.eval_only and not explicit_run_name:  # never append to the training run's eval.jsonl
             args.run_name = f"{state['args']['run_name']}__eval_step{state['step']}"
     unset = [name for name in task_defaults(args) if getattr(args, name) is None]
@@ -1245,6 +1359,16 @@ def main(args: Args):
     if unset:  # where they come from: README, "Defaults"
         print(f"{args.env_id} ({parse_env_id(args.env_id)['suite']}) defaults: "
               + ", ".join(f"{name} {getattr(args, name)}" for name in unset))
+    last = args.total_steps + args.online_steps
+    if args.resume and state["step"] >= last:
+        print(f"{path} holds a finished run: step {state['step']} of {last} (--total-steps {args.total_steps}, "
+              f"--online-steps {args.online_steps}); nothing to train. Pass a larger --total-steps to train on, or "
+              f"evaluate it with --eval-only --checkpoint {path}")
+        return os.path.join(args.output_dir, args.run_name)
+    args.run_name = run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    own_folder = args.resume and run_name == state["args"]["run_name"]
+    check_run_folder(run_dir, state["step"] if own_folder else None)
 
     # TRY NOT TO MODIFY: seeding, device and threads
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -1261,9 +1385,12 @@ def main(args: Args):
     elif device.type == "cpu" and (warning := cpu_threads_warning(os.getloadavg()[0], os.cpu_count() or 1,
                                                                    torch.get_num_threads())):
         print(warning)
-    args.run_name = run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
 
+    if not args.eval_only:  # the dataset first: a missing or bad file is reported before environments are built
+        data, reward_scale, reward_shift = load_dataset(args)
+        if args.batch_size > len(data["observations"]):
+            raise VGFError(f"--batch-size {args.batch_size} is larger than the dataset ({len(data['observations'])} "
+                           f"transitions); pass --batch-size {len(data['observations'])} or less")
     eval_envs = [make_eval_env(args.env_id) for _ in range(args.eval_episodes)]
     obs_dim, act_dim = eval_envs[0].observation_space.shape[0], eval_envs[0].action_space.shape[0]
     agent = Agent(obs_dim, act_dim, args).to(device)
@@ -1277,12 +1404,11 @@ def main(args: Args):
 
     if args.eval_only:
         print(f"evaluating {args.checkpoint} (step {start_step}) on {args.env_id}")
-        os.makedirs(run_dir, exist_ok=True)
+        make_run_folder(run_dir)
         evaluate_all(agent, eval_envs, args, start_step, device, run_dir=run_dir)
         write_plots(run_dir)
         return run_dir
 
-    data, reward_scale, reward_shift = load_dataset(args)
     if data["observations"].shape[1] != obs_dim or data["actions"].shape[1] != act_dim:
         raise VGFError(f"dataset dimensions obs {data['observations'].shape[1]}, act {data['actions'].shape[1]} do "
                        f"not match the environment's obs {obs_dim}, act {act_dim}")
@@ -1309,7 +1435,9 @@ def main(args: Args):
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    os.makedirs(run_dir, exist_ok=True)
+    make_run_folder(run_dir)
+    if args.resume:
+        print(f"resuming from step {start_step} of {last} ({path}) in {run_dir}")
     if args.track:
         import wandb
 
@@ -1323,7 +1451,10 @@ def main(args: Args):
     reward_transform = lambda r: r * reward_scale + reward_shift
 
     # ALGO LOGIC: training loop (offline steps, then optional online fine-tuning with one env step per iteration)
-    last = args.total_steps + args.online_steps
+    saved_step = None  # the step checkpoint_path holds (for the Ctrl-C message)
+    if os.path.exists(checkpoint_path):
+        resumed_here = args.resume and os.path.samefile(checkpoint_path, path)
+        saved_step = start_step if resumed_here else load_checkpoint(checkpoint_path)["step"]
     first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, tracked without host sync
     progress = tqdm(total=last, initial=start_step, dynamic_ncols=True, smoothing=0.05)
     last_time, last_step, metrics, step = time.time(), start_step, None, start_step
@@ -1368,10 +1499,11 @@ def main(args: Args):
                 evaluate_all(agent, eval_envs, args, step, device, writer, run_dir)
                 if args.save_model:
                     save_checkpoint(checkpoint_path, agent, args, step, dims, online_transitions())
+                    saved_step = step
                     print(f"checkpoint saved to {checkpoint_path}")
     except KeyboardInterrupt:
-        kept = f"; the last checkpoint is {checkpoint_path} (continue with --resume {checkpoint_path})" \
-            if os.path.exists(checkpoint_path) else "; no checkpoint was saved (--save-model keeps one)"
+        kept = f"; the last checkpoint {checkpoint_path} holds step {saved_step} (continue with --resume " \
+               f"{checkpoint_path})" if saved_step is not None else "; no checkpoint was saved (--save-model keeps one)"
         raise KeyboardInterrupt(f"interrupted at step {step}{kept}") from None
     finally:
         progress.close()
@@ -1384,7 +1516,7 @@ def main(args: Args):
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args), given_options(sys.argv[1:]))
     except VGFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

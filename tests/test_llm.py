@@ -1,5 +1,6 @@
 """Tests of vgf_llm.py: CPU, offline, a tiny random Qwen2 model with the real Qwen tokenizer."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -165,6 +166,8 @@ def test_end_to_end_cli(tiny_setup):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--plot-runs", *runs, "--output-dir",
                           str(tiny_setup / "plot")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and (tiny_setup / "plot" / "reward_vs_nll.png").is_file(), out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == (f"wrote {tiny_setup / 'plot' / 'reward_vs_nll.png'}: {runs[0]} as "
+                                                   f"'embed ε 1'; {runs[1]} as 'soft ε 0.5'")
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -346,6 +349,10 @@ def test_cli_errors_before_loading_and_no_run_folder(tiny_setup, tmp_path):
         (["--dataset", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file or folder"),
         (["--num-particles", "0"], "--num-particles must be at least 1"),
         (["--eval-fraction", "1.5"], "--eval-fraction must lie in"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**32 - 1] (got -1)"),
+        (["--model", str(tiny_setup / "prefs.jsonl")], "prefs.jsonl is a file but not a .gguf model"),
+        (["--output-dir", str(tiny_setup / "prefs.jsonl" / "runs")], "prefs.jsonl is a file, not a folder"),
+        (["--max-prompt-tokens", "1"], "--max-prompt-tokens 1 leaves no room for the prompt's text"),
     ]
     for extra, msg in cases:
         out = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), *extra)
@@ -530,3 +537,117 @@ def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
         with torch.no_grad():
             logits = model(**ids).logits[0]
         assert g == pytest.approx((logits[0] - logits[1]).item(), abs=1e-4)  # label 0 is the positive one here
+
+
+# ------------------------------------------------------------------------------------- inputs a new user tries
+def refused(args, match):
+    with pytest.raises(vgf_llm.VGFError) as e:
+        vgf_llm.check_args(args)
+    assert match in str(e.value), str(e.value)
+    return str(e.value)
+
+
+def test_check_args_refuses_what_would_crash_or_change_nothing(tmp_path, monkeypatch):
+    args = lambda **kw: vgf_llm.Args(**dict(dict(output_dir=str(tmp_path / "runs")), **kw))
+    refused(args(seed=-1), "--seed must lie in [0, 2**32 - 1] (got -1)")
+    refused(args(seed=2**32), "--seed must lie in [0, 2**32 - 1] (got 4294967296)")
+    refused(args(alpha=math.inf), "--alpha must be positive and finite (got inf)")
+    refused(args(step_size=math.inf), "--step-size must be positive and finite (got inf)")
+    refused(args(step_size=1e30), "--step-size must be at most 1000 (got 1e+30)")
+    refused(args(transport_steps=[1, 2]), "including 0")
+    vgf_llm.check_args(args(step_size=1000.0, seed=2**32 - 1))
+    # --output-dir that is a file, or a folder that cannot be written
+    (tmp_path / "file").write_text("x")
+    refused(args(output_dir=str(tmp_path / "file")), "is a file, not a folder")
+    refused(args(output_dir=str(tmp_path / "file" / "runs")), f"{tmp_path / 'file'} is a file, not a folder")
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(vgf_llm.os, "access", lambda p, m: p != str(tmp_path / "ro") and real_access(p, m))
+    refused(args(output_dir=str(tmp_path / "ro" / "runs")), "(permission denied); pass a writable folder")
+    monkeypatch.undo()
+    # a --run-name whose folder holds a run
+    (tmp_path / "runs" / "a" / "reward_model").mkdir(parents=True)
+    refused(args(run_name="a"), f"--run-name a: {tmp_path / 'runs' / 'a'} already holds a run; pass another "
+                                f"--run-name or delete the folder (reuse its reward model with --reward-model")
+    # --judge vader without the package: refused before any model loads
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vaderSentiment"
+                        else real_find_spec(name, *a))
+    refused(args(judge="vader"), "--judge vader needs the vaderSentiment package")
+
+
+def test_model_path_that_is_not_a_model(tiny_setup, tmp_path):
+    with pytest.raises(vgf_llm.VGFError, match="is a file but not a .gguf model"):
+        vgf_llm.resolve_model(str(tiny_setup / "prefs.jsonl"), None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(vgf_llm.VGFError, match="the folder holds no config.json, so it is not a model folder"):
+        vgf_llm.resolve_model(str(tmp_path / "empty"), None)
+    assert vgf_llm.resolve_model(str(tiny_setup / "model"), None) == (str(tiny_setup / "model"), None)
+
+
+def test_prompt_budget_must_leave_room_for_the_text():
+    tok = qwen_tokenizer()
+    fixed = len(vgf_llm.template(tok, [{"role": "user", "content": ""}]))
+    with pytest.raises(vgf_llm.VGFError, match=f"the chat template alone takes {fixed} tokens; pass at least"):
+        vgf_llm.check_prompt_room(tok, vgf_llm.Args(max_prompt_tokens=1))
+    vgf_llm.check_prompt_room(tok, vgf_llm.Args(max_prompt_tokens=fixed + 1))
+    vgf_llm.check_prompt_room(tok, vgf_llm.Args(max_prompt_tokens=1, chat_template=False))  # Qwen adds no BOS
+    ids = vgf_llm.prompt_ids(tok, "Tell me about cats.", vgf_llm.Args(max_prompt_tokens=fixed + 3))
+    assert "cats" in tok.decode(ids)  # the last of the user's words survive
+
+
+def test_pairs_without_a_preference_are_left_out(tmp_path, capsys):
+    rows = [dict(prompt=f"q{i}", chosen="", rejected="") for i in range(10)]
+    write_rows(str(tmp_path / "empty.jsonl"), rows)
+    with pytest.raises(vgf_llm.VGFError, match="every one of the 9 training pairs has the same chosen and rejected"):
+        vgf_llm.load_preferences(vgf_llm.Args(dataset=str(tmp_path / "empty.jsonl")))
+    rows[2:] = [dict(prompt=f"q{i}", chosen="good", rejected="bad") for i in range(2, 10)]
+    write_rows(str(tmp_path / "some.jsonl"), rows)
+    train, test = vgf_llm.load_preferences(vgf_llm.Args(dataset=str(tmp_path / "some.jsonl")))
+    assert len(train) == 7 and len(test) == 1 and all(r["chosen"] == "good" for r in train + test)
+    assert "2 of 9 training pairs have the same chosen and rejected text" in capsys.readouterr().out
+
+
+def summary_of(run_name, judge=0.5, **args):
+    a = dict(dataclasses.asdict(vgf_llm.Args()), **args)
+    return dict(run_name=run_name, judge="transport reward model (not independent)", args=a,
+                transport={str(L): dict(judge=judge + 0.1 * L, nll_per_token=2.0 + 0.05 * L, judge_diff_se=0.02,
+                                        nll_diff_se=0.01) for L in (0, 1, 2, 4, 8)})
+
+
+def test_plot_runs_labels_and_the_left_label_fits(tmp_path, monkeypatch):
+    assert vgf_llm.run_labels([summary_of("a"), summary_of("b", transport="soft")]) == ["embed ε 1", "soft ε 1"]
+    labels = vgf_llm.run_labels([summary_of("a", seed=1), summary_of("b", seed=2), summary_of("c", seed=2)])
+    assert labels == ["embed ε 1, seed 1", "embed ε 1, seed 2, b", "embed ε 1, seed 2, c"]
+    assert vgf_llm.run_labels([summary_of("a"), summary_of("b")]) == ["embed ε 1, a", "embed ε 1, b"]
+    import matplotlib.figure
+
+    boxes, save = [], matplotlib.figure.Figure.savefig
+
+    def save_and_measure(fig, *a, **k):
+        save(fig, *a, **k)  # draws the figure: the text extents below are those of the file
+        for ax in fig.axes:
+            boxes.extend((t.get_text(), t.get_window_extent(), fig.bbox) for t in (ax.yaxis.label, ax.title))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_and_measure)
+    vgf_llm.plot_reward_vs_nll([summary_of("a"), summary_of("b", transport="soft")], str(tmp_path))
+    assert [b[0] for b in boxes][:2] == ["judge score", "judge: transport reward model (not independent)"]
+    for text, box, page in boxes:
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= page.x1 and box.y1 <= page.y1, text
+
+
+def test_ctrl_c_ends_with_one_line_and_no_run_folder(tiny_setup, tmp_path):
+    import signal
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(tiny_setup / "model"), "--dataset",
+           str(tiny_setup / "prefs.jsonl"), "--output-dir", str(tmp_path / "runs"), "--rm-epochs", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # interrupted while the reward model trains
+        if line.startswith("rm epoch"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    assert os.listdir(tmp_path / "runs") == []  # the unfinished run folder is removed

@@ -1,4 +1,5 @@
 """Data preprocessing as the official code, per-task defaults, input validation and what a user sees."""
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import urllib.error
 import h5py
 import numpy as np
 import pytest
+import torch
 import tyro
 
 import vgf_offline as vgf
@@ -178,6 +180,9 @@ BAD_OPTIONS = [
     (["--online-steps", "-1"], "--online-steps -1", ">= 0"),
     (["--online-warmup", "-1"], "--online-warmup -1", ">= 0"),
     (["--threads", "0"], "--threads 0", ">= 1"),
+    (["--seed", "-1"], "--seed -1", "in [0, 2**32 - 1]"),
+    (["--seed", "4294967296"], "--seed 4294967296", "in [0, 2**32 - 1]"),
+    (["--eval-transport-steps", "0", "0"], "--eval-transport-steps 0 0", "distinct values (each L_test once)"),
 ]
 
 
@@ -286,7 +291,8 @@ def test_ctrl_c_names_the_last_checkpoint(d4rl_dir, tmp_path):
     rc, _, err = interrupt(proc)
     last = err.strip().splitlines()[-1]
     assert rc == 130 and "Traceback" not in err, err[-3000:]
-    assert last.startswith("interrupted at step ") and last.endswith(f"the last checkpoint is {ckpt} "
+    held = torch.load(ckpt, weights_only=False)["step"]
+    assert last.startswith("interrupted at step ") and last.endswith(f"the last checkpoint {ckpt} holds step {held} "
                                                                      f"(continue with --resume {ckpt})")
 
 
@@ -330,3 +336,237 @@ def test_qlearning_transitions_keep_the_rows_d4rl_keeps(with_timeouts):
     kept = d4rl_qlearning_rows(terminals, timeouts if with_timeouts else None, 30)
     assert out["rewards"].tolist() == kept and out["next_observations"][:, 0].tolist() == [i + 1 for i in kept]
     assert out["terminals"].tolist() == terminals[kept].tolist()
+
+
+
+# ------------------------------------------------------------------------------------- inputs a new user tries
+def must_not_run(*_, **__):
+    raise AssertionError("built before the input was checked")
+
+
+@pytest.fixture(scope="module")
+def finished_run(d4rl_dir, tmp_path_factory):
+    """A 2-step run with a checkpoint (step 2 of 2) and its eval.jsonl."""
+    out = tmp_path_factory.mktemp("finished")
+    run_script("--env-id", "halfcheetah-medium-v2", "--dataset-dir", d4rl_dir, "--output-dir", str(out), *TINY,
+               "--total-steps", "2", "--eval-every", "0", "--eval-episodes", "1", "--eval-transport-steps", "0",
+               "--save-model", "--run-name", "r")
+    return out
+
+
+def test_a_used_run_name_is_refused_and_nothing_is_touched(finished_run, d4rl_dir):
+    before = {p: p.read_bytes() for p in (finished_run / "r").iterdir()}
+    proc = run_script("--env-id", "halfcheetah-medium-v2", "--dataset-dir", d4rl_dir, "--output-dir",
+                      str(finished_run), *TINY, "--total-steps", "2", "--eval-episodes", "1", "--seed", "2",
+                      "--run-name", "r", check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: {finished_run / 'r'} already holds a run; pass another --run-name (or --output-dir), or delete it "
+        "(--resume PATH continues a run in its own folder)"]
+    assert {p: p.read_bytes() for p in (finished_run / "r").iterdir()} == before
+    # a second --eval-only of the same checkpoint would append to the first one's eval.jsonl: refused too
+    ckpt = str(finished_run / "r" / "checkpoint.pt")
+    run_script("--eval-only", "--checkpoint", ckpt, "--output-dir", str(finished_run), "--no-cuda")
+    proc = run_script("--eval-only", "--checkpoint", ckpt, "--output-dir", str(finished_run), "--no-cuda", check=False)
+    assert proc.returncode == 2 and "r__eval_step2 already holds a run" in proc.stderr
+
+
+def test_resume_folder_rules(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    vgf.check_run_folder(str(run))  # an empty folder is free
+    (run / "eval.jsonl").write_text(json.dumps(dict(step=10)) + "\n" + json.dumps(dict(step=20)) + "\n")
+    with pytest.raises(vgf.VGFError, match="already holds a run"):
+        vgf.check_run_folder(str(run))
+    vgf.check_run_folder(str(run), continues_step=20)  # --resume of its own last checkpoint continues in place
+    with pytest.raises(vgf.VGFError, match="holds evaluations up to step 20, past the checkpoint's step 10"):
+        vgf.check_run_folder(str(run), continues_step=10)
+
+
+def test_explicit_env_id_equal_to_the_default_is_checked_against_the_checkpoint(finished_run, tmp_path):
+    state = torch.load(finished_run / "r" / "checkpoint.pt", weights_only=False)
+    state["args"]["env_id"] = "hopper-medium-v2"
+    torch.save(state, tmp_path / "hopper.pt")
+    proc = run_script("--eval-only", "--checkpoint", str(tmp_path / "hopper.pt"), "--env-id", "halfcheetah-medium-v2",
+                      "--output-dir", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: checkpoint {tmp_path / 'hopper.pt'} is incompatible: it was trained with --env-id hopper-medium-v2, "
+        "but halfcheetah-medium-v2 was given"]
+    assert not (tmp_path / "runs").exists()
+    assert vgf.given_options(["--env-id", "x", "--batch-size=3", "--no-compile", "--hidden-dims", "8", "8"]) == \
+        {"env_id", "batch_size", "compile", "hidden_dims"}
+    merged = vgf.merge_checkpoint_args(vgf.Args(batch_size=256), dict(state["args"], batch_size=32), "c.pt",
+                                       explicit={"batch_size"})
+    assert merged.batch_size == 256  # given on the command line: wins although it equals the default
+
+
+def test_resume_says_where_it_starts_and_that_a_finished_run_is_finished(finished_run):
+    ckpt = finished_run / "r" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    proc = run_script("--resume", str(ckpt), "--no-cuda")
+    assert f"{ckpt} holds a finished run: step 2 of 2" in proc.stdout and "compiling" not in proc.stdout
+    assert ckpt.read_bytes() == before
+    proc = run_script("--resume", str(ckpt), "--total-steps", "3", "--no-cuda")
+    assert f"resuming from step 2 of 3 ({ckpt})" in proc.stdout
+    steps = [json.loads(line)["step"] for line in open(finished_run / "r" / "eval.jsonl")]
+    assert steps == [2, 3]  # continued in its own folder
+
+
+def test_checkpoint_that_is_a_folder_names_the_file(finished_run):
+    with pytest.raises(vgf.VGFError) as e:
+        vgf.load_checkpoint(str(finished_run / "r"))
+    assert str(e.value).endswith(f"is a folder, not a checkpoint file; pass {finished_run / 'r' / 'checkpoint.pt'}")
+
+
+def main_until_checked(args_list, monkeypatch, build_envs=False):
+    """main() on parsed options, failing the test if environments (or the agent) are built before the error."""
+    if not build_envs:
+        monkeypatch.setattr(vgf, "make_eval_env", must_not_run)
+    monkeypatch.setattr(vgf, "Agent", must_not_run)
+    with pytest.raises(vgf.VGFError) as e:
+        vgf.main(tyro.cli(vgf.Args, args=args_list))
+    return str(e.value)
+
+
+def test_output_dir_that_is_a_file_or_not_writable(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    msg = main_until_checked(["--output-dir", str(tmp_path / "file" / "runs")], monkeypatch)
+    assert msg == f"--output-dir: {tmp_path / 'file'} is a file, not a folder; pass a folder"
+    real_access = os.access
+    monkeypatch.setattr(vgf.os, "access", lambda p, mode: False if p == str(tmp_path / "ro") else real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    msg = main_until_checked(["--output-dir", str(tmp_path / "ro" / "runs")], monkeypatch)
+    assert "cannot write into" in msg and "pass a writable --output-dir" in msg
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_batch_larger_than_the_dataset_is_refused_before_envs(d4rl_dir, tmp_path, monkeypatch):
+    msg = main_until_checked(["--env-id", "halfcheetah-medium-v2", "--dataset-dir", d4rl_dir, "--output-dir",
+                              str(tmp_path / "runs"), "--batch-size", "100000"], monkeypatch)
+    assert msg.startswith("--batch-size 100000 is larger than the dataset (") and "pass --batch-size" in msg
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ogbench_id_without_data_fails_before_building_environments(tmp_path, monkeypatch):
+    def offline(*_, **__):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(vgf.urllib.request, "urlopen", offline)
+    msg = main_until_checked(["--env-id", "cube-double-play-singletask-v0", "--dataset-dir", str(tmp_path / "og"),
+                              "--output-dir", str(tmp_path / "runs")], monkeypatch)
+    assert str(tmp_path / "og" / "cube-double-play-v0.npz") in msg and not (tmp_path / "runs").exists()
+
+
+def test_unreadable_data_file_is_not_downloaded_again(tmp_path, monkeypatch):
+    path = str(tmp_path / "halfcheetah_medium-v2.hdf5")
+    (tmp_path / "halfcheetah_medium-v2.hdf5").write_bytes(b"x")
+
+    def no_permission(p, *a, **k):  # as for a non-root user after chmod 000
+        raise PermissionError(13, "Permission denied", p)
+
+    monkeypatch.setattr(vgf, "open", no_permission, raising=False)
+    monkeypatch.setattr(vgf, "download", must_not_run)
+    with pytest.raises(vgf.VGFError, match="cannot be read \\(permission denied on the file or a folder above it\\)"):
+        vgf.load_dataset(vgf.Args(env_id="halfcheetah-medium-v2", dataset_dir=str(tmp_path)))
+    monkeypatch.undo()
+    assert vgf.must_download(str(tmp_path / "other.hdf5")) and not vgf.must_download(path)
+
+
+def test_actions_outside_the_box_and_fractional_flags(tmp_path, capsys):
+    path = write_d4rl_hdf5(str(tmp_path / "halfcheetah_medium-v2.hdf5"), episodes=2, length=600)
+    args = vgf.Args(env_id="halfcheetah-medium-v2", dataset_dir=str(tmp_path), reward_scale_episodes="true")
+    with h5py.File(path, "a") as f:
+        actions = f["actions"][()]
+        f["actions"][...] = actions * 10
+    with pytest.raises(vgf.VGFError, match=r"% of the action entries lie outside \[-1, 1\] .*rescale the actions"):
+        vgf.load_dataset(args)
+    with h5py.File(path, "a") as f:
+        actions[3, 0] = 1.2  # one entry slightly outside: clipped, with a warning
+        f["actions"][...] = actions
+    data, _, _ = vgf.load_dataset(args)
+    assert "warning: " in capsys.readouterr().out and data["actions"].max() <= 1.0
+    with h5py.File(path, "a") as f:
+        del f["terminals"]
+        f["terminals"] = np.full(1200, 0.5, np.float32)
+    with pytest.raises(vgf.VGFError, match="key 'terminals' must hold 0 or 1 \\(booleans\\), but row 0 holds 0.5"):
+        vgf.load_dataset(args)
+
+
+def help_text(script):
+    env = {**os.environ, "COLUMNS": "1000", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                          env=env, cwd=ROOT).stdout
+
+
+def help_entries(text):
+    """option -> its whole help entry (the description may start on the line after a long option name)."""
+    entries, name = {}, None
+    for line in text.splitlines():
+        body = line.strip("│ ")
+        if body.startswith("--"):
+            name = body.split()[0].rstrip(",")
+            entries[name] = body
+        elif name and line.startswith("│  ") and body:
+            entries[name] += " " + body
+    return entries
+
+
+def fmt(value):
+    """A per-task default as the help text writes it."""
+    if isinstance(value, int) and value >= 1000:
+        return f"{value // 1_000_000}M" if value % 1_000_000 == 0 else f"{value // 1000}k"
+    return str(value)
+
+
+def test_help_shows_the_per_task_defaults():
+    lines = help_entries(help_text("vgf_offline.py"))
+    cases = [("halfcheetah-medium-v2", {}), ("antmaze-large-diverse-v2", {}), ("pen-cloned-v1", {}),
+             ("cube-double-play-singletask-v0", {}), ("antmaze-large-navigate-singletask-v0", {}),
+             ("antmaze-giant-navigate-singletask-v0", {}), ("hopper-medium-v2", dict(online_steps=10)),
+             ("cube-double-play-singletask-v0", dict(online_steps=10)),
+             ("antmaze-giant-navigate-singletask-v0", dict(online_steps=10, amortised=True)),
+             ("humanoidmaze-medium-navigate-singletask-v0", dict(online_steps=10, amortised=True)),
+             ("antsoccer-arena-navigate-singletask-v0", dict(online_steps=10, amortised=True))]
+    for name in [*vgf.SUITE_FIELDS, "num_particles"]:
+        line = lines[f"--{name.replace('_', '-')}"]
+        assert "(default: None)" not in line, line
+        for env_id, kw in cases:
+            value = vgf.task_defaults(vgf.Args(env_id=env_id, **kw))[name]
+            assert fmt(value) in line.split("(default:")[1], (name, env_id, kw, value)
+
+
+@pytest.mark.parametrize("script", ["vgf_offline.py", "vgf_llm.py"])
+def test_help_has_one_default_per_option_and_whole_lines(script):
+    import ast
+
+    entries = help_entries(help_text(script))
+    assert len(entries) > 20 and all(entry.count("(default:") == 1 for name, entry in entries.items()
+                                     if name != "-h"), entries
+    tree = ast.parse(open(os.path.join(ROOT, script)).read())
+    args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    docs = [(a.target.id, b.value.value) for a, b in zip(args.body, args.body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)]
+    assert len(docs) > 20
+    # a docstring's line break becomes a line break mid-sentence in --help
+    assert [name for name, doc in docs if "\n" in doc and name != "cpu_onednn_matmul"] == []
+
+
+def test_plots_legend_beside_the_lines_title_and_integer_ticks(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    rows = [dict(env_id="hopper-medium-v2", seed=3, step=s, L_test=L, metric="d4rl_normalized_score",
+                 score_mean=10.0 * L + s / 100, score_std=1.0, episodes=5) for s in (100, 200) for L in (0, 1, 2, 3)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, save = [], matplotlib.figure.Figure.savefig
+
+    def save_and_measure(fig, *a, **k):
+        save(fig, *a, **k)  # draws the figure: the extents below are those of the file
+        ax = fig.axes[0]
+        legend = ax.get_legend().get_window_extent() if ax.get_legend() else None
+        seen.append((ax.get_title(), list(ax.get_xticks()), legend, ax.get_window_extent(), fig.bbox))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_and_measure)
+    vgf.write_plots(str(tmp_path))
+    (title, _, legend, axes, page), (_, ticks, _, _, _) = seen
+    assert legend.x0 >= axes.x1 and legend.x1 <= page.x1  # beside the axes (never over a line), inside the figure
+    assert "hopper-medium-v2" in title and "seed 3" in title
+    assert ticks == [0, 1, 2, 3]  # L_test is an integer
