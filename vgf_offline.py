@@ -132,10 +132,7 @@ class Args:
     tf32: bool = True
     """allow TF32 matrix multiplies on CUDA (JAX's default precision on GPUs)"""
     cpu_bf16_matmul: bool = False
-    """REDUCED PRECISION, opt-in: on CPUs with AVX512-BF16, float32 matrix multiplies go through oneDNN's bf16 mode.
-    Its precision depends on the CPU: plain bfloat16 on Intel Xeon (relative error 2.3e-3 on a 256x512 @ 512x512
-    product, critic losses off by up to 7e-3 relative after 6 updates), about float32 on AMD EPYC (4e-7). Off: every
-    CPU matmul is exact float32 (as the official code on CPU)"""
+    """REDUCED PRECISION: CPU float32 matmuls in oneDNN's bf16 mode (plain bf16 on Intel Xeon; README, 'Speed')"""
     fused_adam: bool = True
     """fused Adam kernels in the eager update (--no-compile); with --compile Adam is part of the compiled graph"""
     threads: Annotated[Optional[int], shown_default("one per core")] = None
