@@ -107,7 +107,8 @@ def test_ogbench_rewards_and_masks_relabel_the_state_before_the_action(ogbench_d
     raw = dict(np.load(folder / "cube-single-play-v0.npz"))
     target = cube_target(vgf.make_eval_env("cube-single-play-singletask-v0"))
     success_rows = [5, 47]  # raw rows inside a trajectory (40 rows each; the last row of each is a terminal)
-    for row in success_rows:
+    raw["qpos"][:, 14:17] = target + np.array([0.2, 0.0, 0.0])  # every cube away from its target (rollouts may end
+    for row in success_rows:                                     # near it), then exactly these rows at it
         raw["qpos"][row, 14:17] = target
     np.savez(folder / "cube-single-play-v0.npz", **raw)
     data, scale, shift = vgf.load_dataset(vgf.Args(env_id="cube-single-play-singletask-v0", dataset_dir=str(folder)))
