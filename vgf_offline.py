@@ -715,11 +715,11 @@ class BehaviourFlow(nn.Module):
         first, h = self.net[0], features.shape[-1]
         features = (features + t * first.weight[:, -1]).unsqueeze(1)  # [B, 1, H]
         x = linear_nograd(x_t, first.weight[:, self.obs_dim:-1].contiguous()).view(-1, repeats, h)
-        x = F.relu(x + features).view(-1, h)
+        x = F.relu_(x + features).view(-1, h)
         linears = self.net[2::2]
         for i, linear in enumerate(linears):
             x = linear_nograd(x, linear.weight, linear.bias)
-            x = F.relu(x) if i + 1 < len(linears) else x
+            x = F.relu_(x) if i + 1 < len(linears) else x
         return x
 
 
@@ -781,8 +781,8 @@ class CriticEnsemble(nn.Module):
         """Q_e(s, a) [E, B * repeats] for `repeats` consecutive actions per state (see first_layers_from)."""
         values = []
         for e, x in enumerate(self.first_layers_from(features, act, repeats)):
-            for i, (w, b) in enumerate(zip(self.norm_weights, self.norm_biases)):
-                x = self.member_layer(i + 1, e, F.relu(F.layer_norm(x, (w.shape[-1],), eps=1e-6) * w[e] + b[e]))
+            for i, (w, b) in enumerate(zip(self.norm_weights, self.norm_biases)):  # LayerNorm with its scale, ReLU
+                x = self.member_layer(i + 1, e, F.relu_(F.layer_norm(x, (w.shape[-1],), w[e, 0], b[e, 0], 1e-6)))
             values.append(x.squeeze(-1))
         return torch.stack(values)
 
@@ -794,8 +794,8 @@ class CriticEnsemble(nn.Module):
         for e, x in enumerate(self.first_layers_from(features, act, repeats)):
             saved = []
             for i, (w, b) in enumerate(zip(self.norm_weights, self.norm_biases)):
-                y, mean, rstd = torch.native_layer_norm(x, [w.shape[-1]], None, None, 1e-6)
-                h = F.relu(y * w[e] + b[e])
+                h, mean, rstd = torch.native_layer_norm(x, [w.shape[-1]], w[e, 0], b[e, 0], 1e-6)
+                h = F.relu_(h)
                 saved.append((x, mean, rstd, h))
                 if i + 1 < len(self.norm_weights):
                     x = self.member_layer(i + 1, e, h)
@@ -803,8 +803,9 @@ class CriticEnsemble(nn.Module):
             grad = (self.linears[-1].weight[e, :, 0] / self.members).expand(act.shape[0], -1)
             for i in reversed(range(len(saved))):
                 x, mean, rstd, h = saved[i]
-                grad = torch.ops.aten.threshold_backward(grad, h, 0) * self.norm_weights[i][e]  # ReLU, LN scale
-                grad = torch.ops.aten.native_layer_norm_backward(grad, x, [x.shape[-1]], mean, rstd, None, None,
+                grad = torch.ops.aten.threshold_backward(grad, h, 0)  # ReLU, then LayerNorm with its scale
+                grad = torch.ops.aten.native_layer_norm_backward(grad, x, [x.shape[-1]], mean, rstd,
+                                                                 self.norm_weights[i][e, 0], None,
                                                                  [True, False, False])[0]
                 weight = self.linears[i].weight[e] if i else self.linears[0].weight[e, self.obs_dim:]  # [in, out]
                 grad = linear_nograd(grad, weight)  # grad @ weight.T

@@ -9,13 +9,17 @@
 By default every configuration runs in its own process (clean peak-memory numbers, no compile cache shared). With
 --interleave the options of a setting are built in one process and timed round after round (median of --rounds),
 so that on a shared machine they all see the same load; peak memory is then reported on CUDA only, as the memory
-the update itself allocates. With --official-repo (a checkout of github.com/ryanxhr/vgf and an interpreter with jax,
-flax, optax and ml_collections) the official agent, with the same hyperparameters, runs in a child process that stays
-alive: each round times it first, then each of our options, all on one thread and one core (XLA's single-thread
-flags, OMP_NUM_THREADS=1 and torch.set_num_threads(1), both processes pinned to the same core), and the ratio
-ours / official of every round is reported (median, min-max). CPU seconds per wall second are reported for both
-sides (<= 1 when a side runs on one core). Prints a table and writes JSON (--out). Achieved GFLOP/s counts the matrix multiplies
-of one update (see update_flops); h/1M is the hours one million updates take at that speed.
+the update itself allocates.
+
+With --official-repo (a checkout of github.com/ryanxhr/vgf; --official-python: an interpreter with jax, flax, optax
+and ml_collections) the official agent, with the same hyperparameters, stays alive in a child process: each round
+times it first, then each of our options (ABAB..., same load). On CPU everything runs on one thread and one core
+(XLA's single-thread flags, torch.set_num_threads(1), both processes pinned to the same core); on CUDA, JAX uses the
+GPU. Each round's ratio ours / official is reported (median, min-max), with the ratio of CPU seconds per update as
+a check, and each side's CPU seconds per wall second (<= 1 on one core).
+
+Prints a table and writes JSON (--out). Achieved GFLOP/s counts the matrix multiplies of one update (see
+update_flops); h/1M is the hours one million updates take at that speed.
 """
 import argparse
 import json
@@ -208,8 +212,10 @@ def run_interleaved(setting, options, device, iters, warmup, rounds, official=No
                    interleaved=True)
         if official is not None:  # ours / official, round by round (same load)
             ratios = [a / b for a, b in zip(run["rates"], official_rates)]
+            cpu_ratios = [a / c / (b / d) for a, b, c, d in zip(run["rates"], official_rates, run["cpu"], official_cpu)]
             row.update(ratio_rounds=ratios, ratio_median=statistics.median(ratios), ratio_min=min(ratios),
-                       ratio_max=max(ratios))
+                       ratio_max=max(ratios), cpu_time_ratio_rounds=cpu_ratios,
+                       cpu_time_ratio_median=statistics.median(cpu_ratios))
         rows.append(row)
     return rows
 
@@ -217,11 +223,12 @@ def run_interleaved(setting, options, device, iters, warmup, rounds, official=No
 class OfficialServer:
     """The official agent alive in a child process (tests/official_vgf_bench.py --serve), timed on request."""
 
-    def __init__(self, repo, python, setting):
+    def __init__(self, repo, python, setting, device):
         obs_dim, act_dim, hidden, batch, n, k, L = SETTINGS[setting]
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_vgf_bench.py")
-        env = dict(os.environ, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", JAX_PLATFORMS="cpu",  # XLA on one thread, as ours
+                   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") \
+            if device == "cpu" else dict(os.environ, JAX_PLATFORMS="cuda")
         self.proc = subprocess.Popen([python, script, "--serve", "--repo", repo, "--hidden-dims", *map(str, hidden),
                                       "--transport-steps", str(L), "--batch-size", str(batch), "--particles", str(n),
                                       "--flow-steps", str(k)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -280,8 +287,8 @@ def main():
     if args.devices is None:
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.official_repo:
-        args.interleave, args.devices = True, ["cpu"]  # the official agent is timed on CPU, in the same rounds
-        if args.cpu_core is None:
+        args.interleave = True  # the official agent is timed in the same rounds, on the same device
+        if args.cpu_core is None and args.devices == ["cpu"]:
             args.cpu_core = min(os.sched_getaffinity(0))
     if args.cpu_core is not None and args.cpu_core >= 0:
         os.sched_setaffinity(0, {args.cpu_core})
@@ -291,7 +298,7 @@ def main():
             options = [o for o in args.options
                        if not any(flag in o and device != only for flag, only in DEVICE_ONLY.items())]
             if args.interleave:
-                official = OfficialServer(args.official_repo, args.official_python, setting) \
+                official = OfficialServer(args.official_repo, args.official_python, setting, device) \
                     if args.official_repo else None
                 try:
                     rows = run_interleaved(setting, options, device, args.iters, args.warmup, args.rounds, official)
@@ -314,13 +321,14 @@ def main():
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n{'setting':20s} {'impl':13s} {'option':22s} {'device':6s} {'upd/s':>7s} {'h/1M':>6s} {'GFLOP/s':>7s} "
-          f"{'peak MB':>7s} {'cpu/wall':>8s}  ours/official: median [min-max] per round")
+          f"{'peak MB':>7s} {'cpu/wall':>8s}  ours/official per round: median [min-max] (CPU-time ratio)")
     for r in results:
         if "error" in r:
             print(f"{r['setting']:20s} {r['impl']:13s} {r.get('option', ''):22s} {r.get('device', ''):6s}  error")
             continue
         memory = r.get("peak_memory_mb")
-        ratio = f"  {r['ratio_median']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if "ratio_median" in r else ""
+        ratio = f"  {r['ratio_median']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}] " \
+            f"({r['cpu_time_ratio_median']:.2f}x)" if "ratio_median" in r else ""
         print(f"{r['setting']:20s} {r['impl']:13s} {r['option']:22s} {r.get('device', ''):6s} "
               f"{r['updates_per_s']:7.2f} {1e6 / r['updates_per_s'] / 3600:6.1f} "
               f"{r.get('achieved_gflop_s', float('nan')):7.1f} {'-' if memory is None else f'{memory:.0f}':>7s} "
