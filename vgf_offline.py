@@ -674,7 +674,7 @@ ONEDNN_LINEAR = onednn_linear_op()
 def linear_nograd(x, weight, bias=None):
     """x @ weight.T + bias (weight [out, in]) where no gradient is taken (reference sampling, transport, TD target,
     acting): on CPU in float32 through oneDNN (exact float32 like the default MKL path, faster than it on the
-    development machine: 95-100 vs 82-88 GFLOP/s on one core), F.linear otherwise. oneDNN wants plain weight
+    development machine: 94-102 vs 80-88 GFLOP/s on one core), F.linear otherwise. oneDNN wants plain weight
     layouts (a column slice is made contiguous first: a strided one takes a slow reference path)."""
     if ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32 and \
             not torch.is_grad_enabled():
