@@ -38,9 +38,10 @@ def _sample(data, batch_size):
     return {k: v[idxs] for k, v in data.items()}
 
 
-def time_official(repo, hidden_dims, batch_size=256, num_particles=10, flow_steps=10,
-                  transport_steps=3, iters=30, repeats=3, seed=0):
-    """Return updates/s (median of `repeats` runs of `iters` updates, compile excluded) of the official agent."""
+def make_official(repo, hidden_dims, batch_size=256, num_particles=10, flow_steps=10, transport_steps=3, seed=0):
+    """The official agent (OGBench cube-single settings: mean aggregation, step size 0.05, alpha 0.2, L2 critic with
+    LayerNorm, flow without) and a function that runs n updates and returns (wall seconds, CPU seconds); compiled and
+    warmed up. The first update (trace + XLA compile) is timed separately."""
     repo = os.path.abspath(repo)
     if repo not in sys.path:
         sys.path.insert(0, repo)
@@ -61,27 +62,33 @@ def time_official(repo, hidden_dims, batch_size=256, num_particles=10, flow_step
         train_q_agg='mean', vgf_q_agg='mean', layer_norm=True, actor_layer_norm=False,
         bc_policy_type='flow', train_particle_select='mean', critic_loss='td',
         value_hidden_dims=tuple(hidden_dims), actor_hidden_dims=tuple(hidden_dims)))
-    load_start = list(os.getloadavg())
     np.random.seed(seed)
     data = _synthetic_dataset(DATASET_SIZE, seed)
-    agent = VGFAgent.create(seed, np.zeros((1, OBS_DIM), np.float32), np.zeros((1, ACT_DIM), np.float32), config)
+    state = {'agent': VGFAgent.create(seed, np.zeros((1, OBS_DIM), np.float32), np.zeros((1, ACT_DIM), np.float32),
+                                      config)}
 
-    t0 = time.perf_counter()  # first call = trace + XLA compile + one update
-    agent, info = agent.update(_sample(data, batch_size))
-    jax.block_until_ready((agent, info))
-    compile_s = time.perf_counter() - t0
-    for _ in range(3):  # extra warm-up
-        agent, info = agent.update(_sample(data, batch_size))
-    jax.block_until_ready((agent, info))
-
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
+    def run(n):
+        wall, cpu = time.perf_counter(), time.process_time()
+        agent = state['agent']
+        for _ in range(n):
             agent, info = agent.update(_sample(data, batch_size))
         jax.block_until_ready((agent, info))
-        rates.append(iters / (time.perf_counter() - t0))
-    assert np.isfinite(float(info['critic_loss']))
+        assert np.isfinite(float(info['critic_loss']))
+        state['agent'] = agent
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    compile_s = run(1)[0]  # trace + XLA compile + one update
+    run(3)  # extra warm-up
+    return run, compile_s, jax
+
+
+def time_official(repo, hidden_dims, batch_size=256, num_particles=10, flow_steps=10,
+                  transport_steps=3, iters=30, repeats=3, seed=0):
+    """Return updates/s (median of `repeats` runs of `iters` updates, compile excluded) of the official agent."""
+    load_start = list(os.getloadavg())
+    run, compile_s, jax = make_official(repo, hidden_dims, batch_size, num_particles, flow_steps, transport_steps,
+                                        seed)
+    rates = [iters / run(iters)[0] for _ in range(repeats)]
     return {
         'impl': 'official-jax', 'hidden_dims': list(hidden_dims), 'batch_size': batch_size,
         'num_particles': num_particles, 'flow_steps': flow_steps, 'transport_steps': transport_steps,
@@ -90,6 +97,19 @@ def time_official(repo, hidden_dims, batch_size=256, num_particles=10, flow_step
         'device': str(jax.devices()[0]), 'jax_version': jax.__version__,
         'load_avg': list(os.getloadavg()), 'load_avg_start': load_start,
     }
+
+
+def serve(repo, hidden_dims, batch_size, num_particles, flow_steps, transport_steps):
+    """Alternating timing (tests/bench_offline.py --official-repo): build and warm up the agent, print one JSON line
+    (ready), then for every line "n" on stdin run n updates and print {"wall_s", "cpu_s"}; an empty line ends."""
+    run, compile_s, jax = make_official(repo, hidden_dims, batch_size, num_particles, flow_steps, transport_steps)
+    print(json.dumps({'ready': True, 'compile_s': compile_s, 'device': str(jax.devices()[0]),
+                      'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', '')}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        wall, cpu = run(int(line))
+        print(json.dumps({'wall_s': wall, 'cpu_s': cpu}), flush=True)
 
 
 def main():
@@ -103,7 +123,11 @@ def main():
     p.add_argument('--iters', type=int, default=30)
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--json', default=None, help='write the result here (- : one line on stdout)')
+    p.add_argument('--serve', action='store_true', help='alternating timing for tests/bench_offline.py (stdin/stdout)')
     a = p.parse_args()
+    if a.serve:
+        serve(a.repo, a.hidden_dims, a.batch_size, a.particles, a.flow_steps, a.transport_steps)
+        return
     res = time_official(a.repo, a.hidden_dims, a.batch_size, a.particles, a.flow_steps,
                         a.transport_steps, a.iters, a.repeats)
     if a.json == '-':
