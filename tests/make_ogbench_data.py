@@ -49,8 +49,10 @@ def collect(maze: str, episodes: int, seed: int):
     env = gymnasium.make(f"pointmaze-{maze}-v0", terminate_at_goal=False, max_episode_steps=EPISODE_STEPS)
     base = env.unwrapped
     rng = np.random.default_rng(seed)
+    np.random.seed(seed)  # the maze env draws its start-position noise from the global NumPy generator
     free, vertices = maze_cells(base.maze_map)
     data = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    goals_reached = 0
     for ep in range(episodes):
         start, goal = free[rng.integers(len(free))], vertices[rng.integers(len(vertices))]
         ob, _ = env.reset(seed=int(seed * 100_003 + ep), options=dict(task_info=dict(init_ij=start, goal_ij=goal)))
@@ -63,6 +65,7 @@ def collect(maze: str, episodes: int, seed: int):
             next_ob, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated
             if info["success"]:  # 'navigate': a new goal once the current one is reached
+                goals_reached += 1
                 base.set_goal(vertices[rng.integers(len(vertices))])
             data["observations"].append(ob)
             data["actions"].append(action)
@@ -70,7 +73,8 @@ def collect(maze: str, episodes: int, seed: int):
             data["qpos"].append(info["prev_qpos"])
             data["qvel"].append(info["prev_qvel"])
             ob = next_ob
-    return {k: np.asarray(v, dtype=bool if k == "terminals" else np.float32) for k, v in data.items()}
+    arrays = {k: np.asarray(v, dtype=bool if k == "terminals" else np.float32) for k, v in data.items()}
+    return arrays, goals_reached
 
 
 def main():
@@ -85,12 +89,11 @@ def main():
         sys.exit(2)
     os.makedirs(cli.out_dir, exist_ok=True)
     name = f"pointmaze-{cli.maze}-navigate-v0"
-    train = collect(cli.maze, cli.episodes, cli.seed)
-    val = collect(cli.maze, cli.episodes // 10, cli.seed + 1)
-    for suffix, data in (("", train), ("-val", val)):
+    for suffix, episodes, seed in (("", cli.episodes, cli.seed), ("-val", cli.episodes // 10, cli.seed + 1)):
+        data, goals = collect(cli.maze, episodes, seed)
         path = os.path.join(cli.out_dir, f"{name}{suffix}.npz")
         np.savez_compressed(path, **data)
-        print(f"{path}: {len(data['actions'])} transitions")
+        print(f"{path}: {episodes} episodes, {len(data['actions'])} transitions, {goals} goals reached")
 
 
 if __name__ == "__main__":
