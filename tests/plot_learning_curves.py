@@ -89,6 +89,7 @@ def main():
     import matplotlib.pyplot as plt
 
     colors = {"vgf_offline.py": "tab:blue", "official (JAX)": "tab:orange"}
+    styles = {"vgf_offline.py": dict(ls="-", marker="o"), "official (JAX)": dict(ls="--", marker="s")}
     fig, axes = plt.subplots(1, len(L_TESTS), figsize=(4 * len(L_TESTS), 3.6), sharey=True)
     for ax, L in zip(axes, L_TESTS):
         for name, color in colors.items():
@@ -99,9 +100,11 @@ def main():
                 ax.plot(sorted(c), [c[s] for s in sorted(c)], color=color, alpha=0.35, lw=1)
             common = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [np.mean([c[s] for c in curves]) for s in common]
-            ax.plot(common, mean, color=color, lw=2.5, marker="o", ms=4, label=f"{name} ({len(curves)} seeds)")
+            ax.plot(common, mean, color=color, lw=2.5, ms=5, mfc="none", **styles[name],
+                    label=f"{name}, mean of {len(curves)} seed(s)")
         ax.set_title(f"L_test = {L}" + (" (best-of-N)" if L == 0 else ""))
         ax.set_xlabel("gradient steps")
+        ax.set_ylim(-4, 104)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (%)")
     axes[0].legend(loc="upper left", fontsize=8)
