@@ -56,6 +56,37 @@ def read_official(save_dir: str):
     return dict(curves), seed
 
 
+def read_ours_training(run_dir: str):
+    """{step: (critic loss, mean TD target)} from the tensorboard events of a vgf_offline.py run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("losses/critic_loss")}
+    target = {e.step: e.value for e in events.Scalars("charts/td_target_mean")}
+    return {s: (loss[s], target[s]) for s in sorted(loss) if s in target}
+
+
+def read_official_training(save_dir: str):
+    """{step: (critic loss, mean Q of the batch)} from the train.csv of an official run."""
+    found = sorted(glob.glob(os.path.join(save_dir, "**", "train.csv"), recursive=True))
+    if len(found) != 1:
+        sys.exit(f"error: expected one train.csv below {save_dir}, found {len(found)}")
+    with open(found[0]) as f:
+        return {int(r["step"]): (float(r["training/critic_loss"]), float(r["training/q_mean"]))
+                for r in csv.DictReader(f)}
+
+
+def training_table(rows, every: int) -> str:
+    """Markdown: critic loss and value level every `every` updates, one column pair per run."""
+    steps = sorted(set.intersection(*(set(s for s in t if s % every == 0) for _, t in rows)))
+    lines = ["| update | " + " | ".join(name for name, _ in rows) + " |",
+             "| --- | " + " | ".join("---" for _ in rows) + " |"]
+    for step in steps:
+        lines.append(f"| {step} | " + " | ".join(f"{t[step][0]:.3f} / {t[step][1]:.1f}" for _, t in rows) + " |")
+    return "\n".join(lines)
+
+
 def table(runs) -> str:
     """Markdown: one row per implementation, seed and evaluation step, success % at each L_test."""
     lines = ["| implementation | seed | step | " + " | ".join(f"L_test = {L}" for L in L_TESTS) + " |",
@@ -77,6 +108,9 @@ def main():
     parser.add_argument("--official", nargs="+", default=[], help="official main.py --save_dir folders")
     parser.add_argument("--out", default="docs/learning_curves_pointmaze.png")
     parser.add_argument("--title", default="pointmaze-medium-navigate-singletask-v0")
+    parser.add_argument("--training-every", type=int, default=0,
+                        help="also print critic loss / value level every this many updates (ours: mean TD target, "
+                             "official: mean Q of the batch)")
     cli = parser.parse_args()
     if not cli.ours and not cli.official:
         sys.exit("error: nothing to plot; give --ours and/or --official folders")
@@ -114,6 +148,11 @@ def main():
     fig.savefig(cli.out, dpi=110)
     print(f"wrote {cli.out}")
     print(table(runs))
+    if cli.training_every:
+        rows = [(f"vgf_offline.py seed {read_ours(d)[1]}", read_ours_training(d)) for d in cli.ours]
+        rows += [(f"official seed {read_official(d)[1]}", read_official_training(d)) for d in cli.official]
+        print("\ncritic loss / value level (ours: mean TD target; official: mean Q(s, a) of the batch)")
+        print(training_table(rows, cli.training_every))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_pointmaze_oracle_data_loads_in_ogbench_and_reaches_goals(tmp_path):
 
 
 def test_plot_reads_both_logs_and_tables_every_seed(tmp_path):
-    from plot_learning_curves import read_official, read_ours, table
+    from plot_learning_curves import read_official, read_official_training, read_ours, table, training_table
 
     ours = tmp_path / "ours"
     ours.mkdir()
@@ -57,3 +57,8 @@ def test_plot_reads_both_logs_and_tables_every_seed(tmp_path):
     assert seed_off == 7 and curves_off[3] == [(1, 30.0), (1000, 80.0)]
     text = table([("ours", seed, curves), ("official", seed_off, curves_off)])
     assert "| official | 7 | 1000 | 50 | 60 | 70 | 80 |" in text and "| ours | 7 | 500 | 5 | 15 | 25 | 35 |" in text
+    with open(official / "train.csv", "w", newline="") as f:
+        f.write("training/critic_loss,training/q_mean,step\n0.5,-10.0,1000\n0.25,-20.0,2000\n")
+    text = training_table([("official", read_official_training(str(tmp_path / "official"))),
+                           ("other", {2000: (1.0, -3.0), 4000: (0.1, -1.0)})], every=2000)
+    assert text.splitlines()[2:] == ["| 2000 | 0.250 / -20.0 | 1.000 / -3.0 |"]  # only updates both runs logged
