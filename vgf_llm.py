@@ -91,9 +91,13 @@ class Args:
     """N: responses drawn from the base model per prompt"""
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
-    transport: Literal["soft", "embed", "topk"] = "embed"
+    transport: Literal["soft", "embed", "topk", "mh"] = "embed"
     """particle space: soft (per-position logits over mu's top-k tokens), embed (token embeddings projected to mu's
     top-k), topk (baseline: greedy single-token swaps ranked by the SVGD direction, accepted when log pi* rises)"""
+    mh_tau: float = 1.0
+    """mh: weight τ of the first-order gain Δ_t(v) = dR/de_t·(E_v − E_{y_t}) in the token proposal (0 = mu's top-k)"""
+    mh_kappa: float = 1.0
+    """mh: weight κ of max_v Δ_t(v) in the position proposal (0 = uniform over the response's positions)"""
     step_size: float = 1.0
     """epsilon, the Adam learning rate: in logit units (soft) or in nearest-neighbour distances of the table (embed)"""
     alpha: float = 0.1
@@ -757,6 +761,66 @@ def end_at_eos(ids, ends, eos_ids, eos_id):
     new = torch.where(grow, (ends + 1).clamp(max=ids.shape[1] - 1), first)
     at_new = torch.arange(ids.shape[1], device=ids.device) == new[:, None]
     return torch.where(grow[:, None] & at_new, eos_id, ids), new
+
+
+# ALGO LOGIC: value-gradient Metropolis-Hastings toward pi*(y|x) ∝ mu(y|x) exp(R(x, y) / alpha)
+def mh_terms(ids, ends, g, cand, cand_lp, table, tau, kappa):
+    """First-order gains Δ_t(v) = g_t·(E_v − E_{y_t}) over the candidates C_t (mu's top-k after y_<t), log q(t|y)
+    ∝ κ max_v Δ_t(v) over the positions that may change (up to the stop token, before the forced stop at the
+    budget), and log Z_t(y) = logsumexp_v [log mu(v|y_<t) + τ Δ_t(v)] of the token proposal."""
+    delta = ((table[cand] - table[ids][:, :, None]) * g[:, :, None]).sum(-1)  # (BN, W, k)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    may = pos <= ends.clamp(max=ids.shape[1] - 2)[:, None]
+    log_q = (kappa * delta.max(-1).values).masked_fill(~may, -torch.inf).log_softmax(-1)
+    return delta, log_q, (cand_lp + tau * delta).logsumexp(-1)
+
+
+def mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, table, args, trace=None, cost=None,
+                 hastings=True):
+    """One Metropolis-Hastings chain per particle, started from the reference samples; snapshots (tokens, R,
+    sum log mu, seconds, mask, info) at every L in steps. A step proposes t ~ q(t|y), v ~ mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y)
+    over C_t, then y'_>t ~ mu(·|y_<t, v) via suffix_fn(ids, t, v) -> (ids', stop positions), and accepts with
+    log A = (R(y') − R(y))/α + log q(t|y') − log q(t|y) + τ(Δ'_t(y_t) − Δ_t(v)) + log Z_t(y) − log Z_t(y').
+    Algebra: π*(y')/π*(y) = mu(y_<t) mu(v|y_<t) mu(y'_>t|y_<t, v) e^{R'/α} / [mu(y_<t) mu(y_t|y_<t) mu(y_>t|y_≤t) e^{R/α}];
+    Q(y→y') = q(t|y) mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y) · mu(y'_>t|y_<t, v), Q(y'→y) = q(t|y') mu(y_t|y_<t) e^{τΔ'_t(y_t)}
+    / Z_t(y') · mu(y_>t|y_≤t): in π*(y') Q(y'→y) / [π*(y) Q(y→y')] every mu factor cancels, leaving log A. The reverse
+    move picks the same t (y'_<t = y_<t), so detailed balance holds for each t; it is impossible when y_t ∉ C_t
+    (rejected). The width W of ref_ids is the budget plus the forced stop. hastings=False drops every term but
+    (R' − R)/α (exact only for τ = κ = 0)."""
+    BN, W = ref_ids.shape
+    tau, kappa, k, t0 = args.mh_tau, args.mh_kappa, args.top_k, time.time()
+    ids, ends, table, snaps = ref_ids.clone(), r_mask.sum(1) - 1, table.float(), {}
+    rows, pos, cost = torch.arange(BN, device=ids.device), torch.arange(W, device=ids.device), cost or (lambda: 0)
+    R, g = reward_fn(ids, table[ids], True) if max(steps) else (reward_fn(ids, None, False), None)
+    lp, cand, cand_lp, _ = logprob_fn(ids, None, k if max(steps) else 0, False)
+    t, accept = torch.zeros_like(ends), torch.zeros_like(ends, dtype=torch.bool)
+    for step in range(max(steps) + 1):
+        if step:
+            delta, log_q, log_z = mh_terms(ids, ends, g, cand, cand_lp, table, tau, kappa)
+            t = torch.multinomial(log_q.exp(), 1)[:, 0]
+            j = torch.multinomial((cand_lp + tau * delta)[rows, t].softmax(-1), 1)[:, 0]
+            prop, prop_ends = suffix_fn(ids, t, cand[rows, t, j])
+            Rp, gp = reward_fn(prop, table[prop], True)
+            lpp, candp, candp_lp, _ = logprob_fn(prop, None, k, False)
+            dp, log_qp, log_zp = mh_terms(prop, prop_ends, gp, candp, candp_lp, table, tau, kappa)
+            back = candp[rows, t] == ids[rows, t, None]  # y_t among the reverse move's candidates
+            log_a = (Rp - R) / args.alpha
+            if hastings:
+                rev = (dp[rows, t] * back).sum(-1)  # Δ'_t(y_t)
+                log_a = log_a + log_qp[rows, t] - log_q[rows, t] + tau * (rev - delta[rows, t, j])
+                log_a = log_a + log_z[rows, t] - log_zp[rows, t]
+            accept = back.any(-1) & (torch.rand(BN, device=ids.device).log() < log_a)
+            a2, a3 = accept[:, None], accept[:, None, None]
+            ids, ends, R = torch.where(a2, prop, ids), torch.where(accept, prop_ends, ends), torch.where(accept, Rp, R)
+            g, lp = torch.where(a3, gp, g), torch.where(a2, lpp, lp)
+            cand, cand_lp = torch.where(a3, candp, cand), torch.where(a3, candp_lp, cand_lp)
+        info = dict(position=t.clone(), accepted=accept.clone(), forwards=cost())
+        snap = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0, (pos <= ends[:, None]).long(), info)
+        if step in steps:
+            snaps[step] = snap
+        if trace is not None:
+            trace.append(snap)
+    return snaps
 
 
 def transport(
