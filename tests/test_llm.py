@@ -132,7 +132,8 @@ def check_outputs(run_dir):
 
 def test_end_to_end_cli(tiny_setup):
     """Trains a reward model, samples, transports and evaluates through the real entry point; then reuses the
-    reward model with the soft-token transport and the saved reward model as judge."""
+    reward model with the Metropolis-Hastings transport, the saved reward model as judge, AFINN as second judge
+    and the best-of-N frontier."""
     out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3", "--rm-pooling", "mean")
     assert out.returncode == 0, out.stderr[-3000:]
     check_outputs(tiny_setup / "runs" / "train")
@@ -147,24 +148,36 @@ def test_end_to_end_cli(tiny_setup):
         "--judge",
         str(rm_dir),
         "--transport",
-        "soft",
-        "--step-size",
-        "0.5",
+        "mh",
+        "--top-k",
+        "4",
+        "--judge2",
+        "afinn",
+        "--best-of-n",
+        "1",
+        "2",
         "--save-trajectories",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = check_outputs(tiny_setup / "runs" / "reuse")
-    assert summary["judge"] == str(rm_dir)
+    assert summary["judge"] == str(rm_dir) and summary["judges"]["judge2"] == "afinn"
+    for L in STEPS:  # compute grows with L; the KL estimate and the second judge are reported
+        res = summary["transport"][str(L)]
+        assert all(math.isfinite(res[k]) for k in ("judge2", "judge2_diff_se", "kl_estimate", "forwards_per_prompt"))
+    fwd = [summary["transport"][str(L)]["forwards_per_prompt"] for L in STEPS]
+    assert all(a < b for a, b in zip(fwd, fwd[1:])), fwd
+    front = summary["best_of_n"]
+    assert set(front) == {"1", "2"} and front["1"]["kl_bound"] == 0 and front["1"]["forwards_per_prompt"] < fwd[0]
     # every particle's trajectory: N particles x (max L + 1) steps of text, R and NLL per prompt
     rows = [json.loads(x) for x in open(tiny_setup / "runs" / "reuse" / "trajectories.jsonl")]
     assert len(rows) == 3 and all(len(r["particles"]) == 3 for r in rows)
     assert all(len(p) == max(STEPS) + 1 and all(math.isfinite(s["reward"] + s["nll"]) for s in p)
                for r in rows for p in r["particles"])
-    assert (tiny_setup / "runs" / "reuse" / "reward_vs_nll.png").stat().st_size > 1000
+    assert (tiny_setup / "runs" / "reuse" / "judge_vs_compute.png").stat().st_size > 1000
     runs = [str(tiny_setup / "runs" / name) for name in ("train", "reuse")]
     out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--plot-runs", *runs, "--output-dir",
                           str(tiny_setup / "plot")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and (tiny_setup / "plot" / "reward_vs_nll.png").is_file(), out.stderr[-2000:]
+    assert out.returncode == 0 and (tiny_setup / "plot" / "judge_vs_compute.png").is_file(), out.stderr[-2000:]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -217,12 +230,12 @@ def toy_args(**kw):
 def test_zero_steps_is_best_of_n():
     table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
     allowed = torch.ones(len(table), dtype=torch.bool)
-    for mode in ("topk", "embed", "soft"):
+    for mode in ("topk", "embed", "paper"):
         snaps = vgf_llm.transport(
             ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
         )
         assert torch.equal(snaps[0][0], ids)
-        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], snaps[0], N, nll_filter=False)
+        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], N)
         r = reward_fn(ids, None, False).view(B, N)
         assert torch.equal(out_ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
         assert torch.allclose(out_r, r.max(1).values)

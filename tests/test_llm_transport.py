@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 import vgf_llm  # noqa: E402
 
 VOCAB, EOS, TARGET = 40, 1, 7
-MODES = [("soft", {}), ("soft", {"straight_through": False}), ("embed", {}), ("topk", {})]
+MODES = [("embed", {}), ("embed", {"project_every_step": False}), ("paper", {}), ("topk", {})]
 
 
 def tiny_lm():
@@ -81,8 +81,8 @@ def wants(token, s, scale=1.0):
 
 
 def args_for(mode, **kw):
-    base = dict(transport=mode, top_k=10, alpha=0.1, lm_coef=0.0, num_proposals=4, soft_margin=1.0,
-                step_size={"soft": 0.5, "embed": 1.0, "topk": 0.5}[mode])
+    base = dict(transport=mode, top_k=10, alpha=0.1, lm_coef=0.0, num_proposals=4,
+                step_size={"paper": 0.25, "embed": 1.0, "topk": 0.5}[mode])
     return vgf_llm.Args(**{**base, **kw})
 
 
@@ -109,7 +109,7 @@ def test_zero_steps_is_best_of_n_exactly(setup, mode, extra):
     trace = []
     snaps = run(setup, args_for(mode, **extra), wants(TARGET, setup), [0, 3], trace=trace)
     assert torch.equal(snaps[0][0], setup["ref_ids"]) and torch.equal(snaps[0][4], setup["r_mask"])
-    best, ids, R, nll, mask = vgf_llm.select(snaps[0], snaps[0], setup["n"], nll_filter=True)
+    best, ids, R, nll, mask = vgf_llm.select(snaps[0], setup["n"])
     r = snaps[0][1].view(setup["B"], setup["n"])
     assert torch.equal(ids, setup["ref_ids"].view(setup["B"], setup["n"], -1)[torch.arange(setup["B"]), r.argmax(1)])
     assert torch.equal(R, r.max(1).values)
@@ -119,8 +119,8 @@ def test_zero_steps_is_best_of_n_exactly(setup, mode, extra):
 @pytest.mark.parametrize("mode,extra", MODES)
 def test_lengths_change_through_the_stop_token(setup, mode, extra):
     """A reward that wants the stop token shortens responses in every mode; one that wants more of a token makes
-    them grow (embed, topk: one token per step) or at least never longer than the reference (soft)."""
-    args = args_for(mode, top_k=VOCAB - 1, **extra)
+    them grow by one token per step at most."""
+    args = args_for(mode, top_k=VOCAB - 1, **extra, **({"step_size": 1.0} if mode == "paper" else {}))
     ref_len = setup["r_mask"].sum(1)
     short = run(setup, args, wants(EOS, setup), [0, 4])
     assert (short[4][4].sum(1) <= ref_len).all() and short[4][4].sum(1).float().mean() < ref_len.float().mean()
@@ -128,14 +128,11 @@ def test_lengths_change_through_the_stop_token(setup, mode, extra):
     ids, mask = short[4][0], short[4][4].bool()
     assert ((ids == EOS) & mask).sum(1).eq(1).all() and (ids[torch.arange(len(ids)), mask.sum(1) - 1] == EOS).all()
     grow = run(setup, args, wants(TARGET, setup, scale=4.0), [0, 2])
-    if mode == "soft":
-        assert (grow[2][4].sum(1) <= ref_len).all()
-    else:
-        assert grow[2][4].sum(1).float().mean() > ref_len.float().mean(), mode
-        assert (grow[2][4].sum(1) <= ref_len + 2).all() and (grow[2][0][grow[2][4].bool()] == EOS).sum() == len(ids)
+    assert grow[2][4].sum(1).float().mean() > ref_len.float().mean(), mode
+    assert (grow[2][4].sum(1) <= ref_len + 2).all() and (grow[2][0][grow[2][4].bool()] == EOS).sum() == len(ids)
 
 
-@pytest.mark.parametrize("mode", ["soft", "embed"])
+@pytest.mark.parametrize("mode", ["embed", "paper"])
 def test_kernel_repulsion_keeps_particles_apart(setup, mode, monkeypatch):
     """One optimum (every position wants the same token): without the kernel's repulsion the particles of a prompt
     collapse onto fewer texts than with it."""
@@ -143,8 +140,7 @@ def test_kernel_repulsion_keeps_particles_apart(setup, mode, monkeypatch):
         ids = snap[0].view(setup["B"], setup["n"], -1)
         return sum(len({tuple(x.tolist()) for x in p}) for p in ids)
 
-    args = args_for(mode, alpha=1.0 if mode == "soft" else 10.0, step_size=0.5 if mode == "soft" else 1.0,
-                    top_k=VOCAB - 1)
+    args = args_for(mode, alpha=10.0, step_size=1.0, top_k=VOCAB - 1)
     with_rep = distinct(run(setup, args, wants(TARGET, setup), [8], variable_length=False, full=True)[8])
     plain = vgf_llm.svgd_direction
     monkeypatch.setattr(vgf_llm, "svgd_direction", lambda x, score: plain(x, score) - plain(x, torch.zeros_like(score)))
