@@ -92,33 +92,25 @@ class Args:
     """N: responses drawn from the base model per prompt"""
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
-    transport: Literal["embed", "paper", "topk", "mh"] = "embed"
-    """embed (token embeddings moved by SVGD, projected to mu's top-k), paper (embed as a third-party summary of the
-    paper describes it: score ∇R/α only, continuous embeddings decoded to the vocabulary's nearest tokens), topk
-    (baseline: greedy single-token swaps ranked by the SVGD direction, accepted when log pi* rises), mh
-    (value-gradient Metropolis-Hastings toward pi* ∝ mu exp(R/α): token swap, suffix resampled from mu)"""
+    transport: Literal["embed", "mh", "topk"] = "embed"
+    """embed (the paper's configuration as a third-party summary describes it: token embeddings moved by SVGD with
+    the score ∇R/α, decoded to the nearest tokens), mh (value-gradient Metropolis-Hastings toward pi* ∝ mu exp(R/α):
+    a token swap, the suffix resampled from mu), topk (baseline: greedy single-token swaps ranked by the SVGD
+    direction, accepted when R/α + lm_coef log mu rises)"""
     mh_tau: float = 1.0
     """mh: weight τ of the first-order gain Δ_t(v) = dR/de_t·(E_v − E_{y_t}) in the token proposal (0 = mu's top-k)"""
     mh_kappa: float = 1.0
     """mh: weight κ of max_v Δ_t(v) in the position proposal (0 = uniform over the response's positions)"""
     step_size: float = 1.0
-    """epsilon, the Adam learning rate (embed, paper), in nearest-neighbour distances of the embedding table"""
+    """embed: epsilon, the Adam learning rate, in nearest-neighbour distances of the embedding table"""
     alpha: float = 0.1
-    """temperature of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units (R is standardised)"""
+    """temperature of the target pi* ∝ mu · exp(R / alpha), in reward std units (R is standardised)"""
     lm_coef: float = 0.0
-    """weight of grad log mu in the score (embed) or of log mu in the acceptance (topk); 0 = the official score"""
+    """topk: weight of log mu in its acceptance test R / alpha + lm_coef log mu"""
     top_k: int = 8
-    """tokens of the base model's next-token distribution a position may move to (0 = the whole vocabulary, embed)"""
+    """mh, topk: the candidate tokens at a position are mu's top-k next tokens after the response's prefix"""
     num_proposals: int = 4
     """topk transport: single-token moves per particle and step that are re-scored exactly"""
-    project_every_step: bool = True
-    """embed: score R on the decoded tokens and snap a position onto its token when it changes (else R of the
-    continuous embeddings, decoded only at the end)"""
-    variable_length: bool = True
-    """EOS is a candidate like any other token: responses shorten, or grow one token per step, within max_new_tokens
-    (mh: always, its suffixes end where mu ends them)"""
-    kv_cache: bool = True
-    """compute the prompts' keys and values once per prompt batch and run only the responses in the transport"""
     save_trajectories: bool = False
     """write every particle's text, R and NLL/token after every transport step to trajectories.jsonl"""
     plot_runs: list[str] = field(default_factory=list)
@@ -594,20 +586,10 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     """Held-out pairwise accuracy; with standardise, fold (R - mean) / std of held-out rewards into the head."""
     rm.eval()
     p, c, j = encode_pairs(tok, rows[: args.rm_eval_pairs], args, eos_id)
-    rc, rr = [], []
-    for i in range(0, len(p), args.micro_batch_size):
-        a, b = pair_rewards(
-            rm,
-            embed,
-            p[i : i + args.micro_batch_size],
-            c[i : i + args.micro_batch_size],
-            j[i : i + args.micro_batch_size],
-            tok.pad_token_id,
-            device,
-            args.micro_batch_size,
-        )
-        rc.append(a), rr.append(b)
-    rc, rr = torch.cat(rc), torch.cat(rr)
+    mb = args.micro_batch_size
+    out = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
+           for i in range(0, len(p), mb)]
+    rc, rr = (torch.cat(x) for x in zip(*out))
     loss, acc = bradley_terry_loss(rc, rr)
     if standardise:
         allr = torch.cat([rc, rr])
@@ -728,13 +710,6 @@ def nearest_tokens(u, table, allowed, chunk=4096):
     return torch.cat(ids).view(u.shape[:-1])
 
 
-def nearest_candidates(u, cand, table):
-    """Nearest token of each embedding u (..., d) among its own candidates cand (..., k): the projection onto the set
-    the base model allows at that position (as clipping to the action box [-1, 1] offline)."""
-    d2 = (table[cand].float() - u[..., None, :].float()).pow(2).sum(-1)
-    return cand.gather(-1, d2.argmin(-1, keepdim=True)).squeeze(-1)
-
-
 def table_spacing(table, allowed, sample=2048, chunk=256):
     """Median distance from an allowed token's embedding to its nearest allowed neighbour (the embed step's unit)."""
     idx = allowed[: len(table)].nonzero().flatten()
@@ -765,7 +740,7 @@ def end_at_eos(ids, ends, eos_ids, eos_id):
     return torch.where(grow[:, None] & at_new, eos_id, ids), new
 
 
-# ALGO LOGIC: transport. Particle spaces over one SVGD direction (embed, paper, topk) and the MH chain (mh)
+# ALGO LOGIC: transport. Particle spaces over one SVGD direction (embed, topk) and the MH chain (mh)
 def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args,
               eos_ids=None, eos_id=None, spacing=None, trace=None, suffix_fn=None, cost=None):
     """Moves the N reference particles of each prompt for max(steps) steps in the space of --transport; snapshots
@@ -791,55 +766,37 @@ def snapshot(snaps, trace, steps, step, ids, R, lp, t0, live, cost, **info):
         trace.append(snap)
 
 
-def movable_now(movable, ends, eos_ids):
+def movable_now(movable, ends, eos_ids, T):
     """Positions that may change: `movable` at fixed length; else the live ones, the stop token included, before
     the last position (the length budget)."""
     if eos_ids is None:
         return movable.bool()
-    pos = torch.arange(movable.shape[1], device=movable.device)
-    return (pos <= ends[:, None]) & (pos < movable.shape[1] - 1)
+    pos = torch.arange(T, device=ends.device)
+    return (pos <= ends[:, None]) & (pos < T - 1)
 
 
 def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
                spacing, trace, cost):
-    """Particles = the response's token embeddings u, moved by Adam(lr = ε · spacing / √d: its first step moves
-    every coordinate by lr) on −phi, phi the SVGD direction of the score ∇R/α (+ lm_coef ∇ log mu). A position
-    decodes to its nearest allowed token: the current one or mu's top-k (--top-k 0: the vocabulary). With
-    --project-every-step, R and ∇R are taken on the decoded tokens and a position snaps onto its token when that
-    changes; else on the continuous embeddings. `paper`: the configuration a third-party summary of the paper
-    describes (score ∇R/α only, continuous embeddings, the vocabulary's nearest token, decoded for scoring only)."""
-    paper = args.transport == "paper"
-    project, k, lm_coef = args.project_every_step and not paper, 0 if paper else args.top_k, (not paper) * args.lm_coef
+    """The configuration a third-party summary of the paper describes: particles = the response's token embeddings
+    u, moved by Adam(lr = ε · spacing / √d: its first step moves every coordinate by lr) on −phi, phi the SVGD
+    direction of the score ∇R/α only, ∇R taken at the continuous embeddings. Each position decodes to the
+    vocabulary's nearest allowed token, for scoring only (the particles themselves are never projected)."""
     T, t0, snaps = ref_ids.shape[1], time.time(), {}
     pos, ids, ends = torch.arange(T, device=ref_ids.device), ref_ids.clone(), r_mask.sum(1) - 1
     live = lambda: r_mask if eos_ids is None else pos <= ends[:, None]
-    scored = lambda step: (reward_fn(ids, table[ids], True) if project and step < max(steps)
-                           else (reward_fn(ids, None, False), None))  # dR/dE at the tokens when the next step uses it
-    R, g = scored(0)
-    lp, cand, _, _ = logprob_fn(ids, None, k if max(steps) else 0, False)
+    R, lp = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[0]
     snapshot(snaps, trace, steps, 0, ids, R, lp, t0, live(), cost)
     u = table[ids].clone().requires_grad_(True)
     opt = torch.optim.Adam([u], lr=args.step_size * (spacing or table_spacing(table, allowed)) / math.sqrt(u.shape[-1]))
     for step in range(1, max(steps) + 1):
-        mov, x = movable_now(movable, ends, eos_ids), u.detach()
-        score = (g if g is not None else reward_fn(ids, x, True)[1]) / args.alpha  # the official score ∇R/α
-        if lm_coef:  # ablation, target pi* ∝ mu^lm_coef exp(R/alpha)
-            score = score + lm_coef * logprob_fn(ids, x, 0, True)[3]
+        mov, x = movable_now(movable, ends, eos_ids, T), u.detach()
         opt.zero_grad()
-        u.grad = -particle_direction(x, score, mov, n)
+        u.grad = -particle_direction(x, reward_fn(ids, x, True)[1] / args.alpha, mov, n)
         opt.step()
-        if k:
-            new = nearest_candidates(u.detach(), torch.cat([ids[..., None], cand], -1), table)
-        else:
-            new = nearest_tokens(u.detach(), table, allowed)
-        prev, ids = ids, torch.where(mov, new, ids)
+        ids = torch.where(mov, nearest_tokens(u.detach(), table, allowed), ids)
         if eos_ids is not None:
             ids, ends = end_at_eos(ids, ends, eos_ids, eos_id)
-        if project:  # a position that changed token snaps onto it; the others keep their offset
-            with torch.no_grad():
-                u.copy_(torch.where((ids != prev)[..., None], table[ids], u))
-        R, g = scored(step)
-        lp, cand, _, _ = logprob_fn(ids, None, k, False)
+        R, lp = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[0]
         snapshot(snaps, trace, steps, step, ids, R, lp, t0, live(), cost)
     return snaps
 
@@ -858,7 +815,7 @@ def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table
     tried = torch.zeros_like(cand, dtype=torch.bool) if max(steps) else None
     J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + lm_coef log mu (+ const)
     for step in range(1, max(steps) + 1):
-        mov, u = movable_now(movable, ends, eos_ids), table[ids]
+        mov, u = movable_now(movable, ends, eos_ids, T), table[ids]
         phi = particle_direction(u, reward_fn(ids, u, True)[1] / args.alpha, mov, n)
         gain = ((table[cand] - u[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
         gain = gain.masked_fill((cand == ids[..., None]) | ~mov[..., None] | tried, -torch.inf)
@@ -1013,9 +970,8 @@ class Judge:
 
 def run_label(a):
     """A run's method in a plot or table: the transport and the settings that distinguish it."""
-    extra = {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}",
-             "paper": f" ε {a['step_size']:g}"}.get(a["transport"], "")
-    return a["transport"] + extra + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] != "mh" else "")
+    extra = {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}"}.get(a["transport"], "")
+    return a["transport"] + extra + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] == "topk" else "")
 
 
 def plot_runs(summaries, folder):
@@ -1091,8 +1047,8 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise VGFError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.top_k < (0 if args.transport in ("embed", "paper") else 1):
-        raise VGFError(f"--top-k must be at least 1 (0 = the whole vocabulary, embed only); got {args.top_k}")
+    if args.top_k < 1:
+        raise VGFError(f"--top-k must be at least 1 (got {args.top_k})")
     if args.rm_max_response_tokens < 2:
         raise VGFError(f"--rm-max-response-tokens must be at least 2 (got {args.rm_max_response_tokens})")
     if args.rm_epochs < 0:
@@ -1172,10 +1128,9 @@ def load_base_model(args, ctx):
     ctx.allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=ctx.device)
     ctx.allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens, nor a stop token
     ctx.allowed[torch.tensor(tok.all_special_ids + stop_list, dtype=torch.long)] = False
-    if args.variable_length or args.transport == "mh":  # the stop token is a position like any other
-        ctx.allowed[ctx.end_id] = True
+    ctx.allowed[ctx.end_id] = True  # the stop token is a position like any other: lengths change
     ctx.base = (ctx.model_path, ctx.gguf_file, lm.base_model)  # the backbone module, shared by a frozen reward model
-    ctx.spacing = table_spacing(embed.weight.detach(), ctx.allowed) if args.transport in ("embed", "paper") else None
+    ctx.spacing = table_spacing(embed.weight.detach(), ctx.allowed) if args.transport == "embed" else None
     return train_rows, test_rows
 
 
@@ -1266,12 +1221,11 @@ def reference_sampler(rows, args, ctx):
     pr_ids, pr_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
     gen, fwd = sample_counted(ctx, pr_ids, pr_mask, T, args.temperature, args.micro_batch_size)
     ref_ids, r_mask = truncate_at_eos(gen, ctx.eos_ids, ctx.tok.pad_token_id, ctx.end_id)
-    movable = r_mask.bool() & ~torch.isin(ref_ids, ctx.eos_ids)  # fixed length: the stop token stays
-    if args.variable_length or args.transport == "mh":  # room to grow up to max_new_tokens (+ the stop token)
-        ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=ctx.tok.pad_token_id)
-        r_mask, movable = (F.pad(x, (0, T + 1 - x.shape[1])) for x in (r_mask, movable))
+    # room to grow up to max_new_tokens (+ the stop token)
+    ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=ctx.tok.pad_token_id)
+    r_mask = F.pad(r_mask, (0, T + 1 - r_mask.shape[1]))
     sync(ctx.device)
-    return SimpleNamespace(B=B, p_ids=p_ids, p_mask=p_mask, ref_ids=ref_ids, r_mask=r_mask, movable=movable,
+    return SimpleNamespace(B=B, p_ids=p_ids, p_mask=p_mask, ref_ids=ref_ids, r_mask=r_mask,
                            t_sample=time.time() - t0, forwards=fwd)
 
 
@@ -1280,9 +1234,8 @@ def model_fns(batch, args, ctx, tally):
     adds the token-forwards it runs to tally[0] (a backward counts 2; NLL-only passes are evaluation, not counted)."""
     lm, rm, embed, eos_ids, mb = ctx.lm, ctx.rm, ctx.embed, ctx.eos_ids, args.micro_batch_size
     p_ids, p_mask, B = batch.p_ids, batch.p_mask, batch.B
-    rm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask) if args.kv_cache else None
-    lm_cache = prompt_cache(lm, embed, p_ids, p_mask) if args.kv_cache else None
-    tally[0] += int(p_mask.sum()) * (1 + (max(args.transport_steps) > 0)) * args.kv_cache
+    rm_cache, lm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask), prompt_cache(lm, embed, p_ids, p_mask)
+    tally[0] += int(p_mask.sum()) * (1 + (max(args.transport_steps) > 0))  # the prompts' keys and values, once
 
     def expand(ids):  # prompts, masks and prompt index of ids holding several proposals per particle
         prow = torch.arange(len(ids), device=ids.device) // (len(ids) // B)
@@ -1295,14 +1248,11 @@ def model_fns(batch, args, ctx, tally):
             out = rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad, cache=rm_cache, rows=prow)
             return synced(ctx.device, out)
 
-    def logprob_fn(ids, emb, top_k, grad):
+    def logprob_fn(ids, emb, top_k, grad):  # (no transport differentiates log mu)
         pi, pm, rmask, prow = expand(ids)
-        tally[0] += ids.numel() * (3 if grad else 1) * (grad or top_k > 0)
-        if not grad:
-            lp, cand, cand_lp = token_logprobs(lm, embed, pi, pm, ids, rmask, ctx.allowed, mb, top_k, lm_cache, prow)
-            return synced(ctx.device, (lp, cand, cand_lp, None))
-        f = lambda a, b, c, d, e, r: response_logprobs(lm, embed, a, b, c, d, ctx.allowed, 0, e, True, lm_cache, r)
-        return synced(ctx.device, chunked(f, len(ids), mb, pi, pm, ids, rmask, emb, prow))
+        tally[0] += ids.numel() * (top_k > 0)
+        lp, cand, cand_lp = token_logprobs(lm, embed, pi, pm, ids, rmask, ctx.allowed, mb, top_k, lm_cache, prow)
+        return synced(ctx.device, (lp, cand, cand_lp, None))
 
     def suffix_fn(ids, t, v):  # y'_<t = y_<t, y'_t = v, y'_>t ~ mu(. | x, y_<t, v) to a stop token or the budget
         W, (pi, pm, _, _) = ids.shape[1], expand(ids)
@@ -1322,10 +1272,9 @@ def run_transport(batch, steps, args, ctx):
     """One transport of max(L) steps on a prompt batch, snapshotted at each L (time: sampling + steps up to L)."""
     tally, trace = [batch.forwards], [] if args.save_trajectories else None
     reward_fn, logprob_fn, suffix_fn = model_fns(batch, args, ctx, tally)
-    eos = args.variable_length or args.transport == "mh"
-    snaps = transport(batch.ref_ids, batch.r_mask, batch.movable, args.num_particles, steps, reward_fn, logprob_fn,
-                      ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids if eos else None,
-                      eos_id=ctx.end_id, spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
+    snaps = transport(batch.ref_ids, batch.r_mask, None, args.num_particles, steps, reward_fn, logprob_fn,
+                      ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids, eos_id=ctx.end_id,
+                      spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
     return snaps, trace
 
 

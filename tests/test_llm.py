@@ -221,8 +221,7 @@ def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
 
 
 def toy_args(**kw):
-    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5,
-                project_every_step=False)
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5)
     base.update(kw)
     return vgf_llm.Args(**base)
 
@@ -230,7 +229,7 @@ def toy_args(**kw):
 def test_zero_steps_is_best_of_n():
     table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
     allowed = torch.ones(len(table), dtype=torch.bool)
-    for mode in ("topk", "embed", "paper"):
+    for mode in ("topk", "embed"):
         snaps = vgf_llm.transport(
             ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
         )

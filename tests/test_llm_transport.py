@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 import vgf_llm  # noqa: E402
 
 VOCAB, EOS, TARGET = 40, 1, 7
-MODES = [("embed", {}), ("embed", {"project_every_step": False}), ("paper", {}), ("topk", {})]
+MODES = [("embed", {}), ("topk", {})]
 
 
 def tiny_lm():
@@ -82,7 +82,7 @@ def wants(token, s, scale=1.0):
 
 def args_for(mode, **kw):
     base = dict(transport=mode, top_k=10, alpha=0.1, lm_coef=0.0, num_proposals=4,
-                step_size={"paper": 0.25, "embed": 1.0, "topk": 0.5}[mode])
+                step_size=0.25)
     return vgf_llm.Args(**{**base, **kw})
 
 
@@ -120,7 +120,7 @@ def test_zero_steps_is_best_of_n_exactly(setup, mode, extra):
 def test_lengths_change_through_the_stop_token(setup, mode, extra):
     """A reward that wants the stop token shortens responses in every mode; one that wants more of a token makes
     them grow by one token per step at most."""
-    args = args_for(mode, top_k=VOCAB - 1, **extra, **({"step_size": 1.0} if mode == "paper" else {}))
+    args = args_for(mode, top_k=VOCAB - 1, **extra, step_size=1.0)
     ref_len = setup["r_mask"].sum(1)
     short = run(setup, args, wants(EOS, setup), [0, 4])
     assert (short[4][4].sum(1) <= ref_len).all() and short[4][4].sum(1).float().mean() < ref_len.float().mean()
@@ -132,7 +132,7 @@ def test_lengths_change_through_the_stop_token(setup, mode, extra):
     assert (grow[2][4].sum(1) <= ref_len + 2).all() and (grow[2][0][grow[2][4].bool()] == EOS).sum() == len(ids)
 
 
-@pytest.mark.parametrize("mode", ["embed", "paper"])
+@pytest.mark.parametrize("mode", ["embed"])
 def test_kernel_repulsion_keeps_particles_apart(setup, mode, monkeypatch):
     """One optimum (every position wants the same token): without the kernel's repulsion the particles of a prompt
     collapse onto fewer texts than with it."""
