@@ -97,9 +97,10 @@ class Args:
     the score ∇R/α, decoded to the nearest tokens), mh (value-gradient Metropolis-Hastings toward pi* ∝ mu exp(R/α):
     a token swap, the suffix resampled from mu), topk (baseline: greedy single-token swaps ranked by the SVGD
     direction, accepted when R/α + lm_coef log mu rises)"""
-    mh_tau: float = 1.0
-    """mh: weight τ of the first-order gain Δ_t(v) = dR/de_t·(E_v − E_{y_t}) in the token proposal (0 = mu's top-k)"""
-    mh_kappa: float = 1.0
+    mh_tau: float = 5.0
+    """mh: weight τ of the first-order gain Δ_t(v) = dR/de_t·(E_v − E_{y_t}) in the token proposal (0 = mu's top-k;
+    1/(2 alpha), 5 at alpha 0.1, is the locally balanced choice of gradient-informed samplers)"""
+    mh_kappa: float = 5.0
     """mh: weight κ of max_v Δ_t(v) in the position proposal (0 = uniform over the response's positions)"""
     step_size: float = 1.0
     """embed: epsilon, the Adam learning rate, in nearest-neighbour distances of the embedding table"""
@@ -640,45 +641,39 @@ def through_first_stop(tokens, eos_ids):
     return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
-def response_logprobs(
-    lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, r_emb=None, grad=False, cache=None, rows=None
-):
-    """log mu(y_t | x, y_<t) per response token; the top-k allowed next tokens at each position and their log mu;
-    optionally d/dr_emb of sum_t log mu(y_t | x, r_emb_<t) (the score of the base model along the context).
+@torch.no_grad()
+def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, cache=None, rows=None):
+    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position and their log mu.
     With cache (`prompt_cache` of lm) and rows, only the response is run."""
     T, dtype = r_ids.shape[1], embed.weight.dtype
-    re = (embed(r_ids) if r_emb is None else r_emb).detach().float().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        if cache is None:
-            x, m = joint_embeds(embed, p_ids, p_mask, re.to(dtype), r_mask)
-            pos = (m.cumsum(1) - 1).clamp(min=0)
-            logits = lm(inputs_embeds=x, attention_mask=m, position_ids=pos, logits_to_keep=T + 1).logits
-            logits = logits[:, :-1].float()  # position P-1+t predicts response token t
-        else:  # the prompt's last position (cached) predicts token 0; response positions 0..T-2 predict 1..T-1
-            logits = cache["logits"][rows][:, None]
-            if T > 1:
-                m = torch.cat([p_mask, r_mask[:, :-1]], 1)
-                pos = (m.cumsum(1) - 1).clamp(min=0)[:, -(T - 1) :]
-                out = lm(inputs_embeds=re[:, :-1].to(dtype), attention_mask=m, position_ids=pos,
-                         past_key_values=cache_rows(cache, rows), use_cache=True)
-                logits = torch.cat([logits, out.logits.float()], 1)
-        logp_all = logits.log_softmax(-1)
-        logp = logp_all.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
-        g = torch.autograd.grad(logp.sum(), re)[0] if grad else torch.zeros(0)
+    if cache is None:
+        x, m = joint_embeds(embed, p_ids, p_mask, embed(r_ids), r_mask)
+        pos = (m.cumsum(1) - 1).clamp(min=0)
+        logits = lm(inputs_embeds=x, attention_mask=m, position_ids=pos, logits_to_keep=T + 1).logits
+        logits = logits[:, :-1].float()  # position P-1+t predicts response token t
+    else:  # the prompt's last position (cached) predicts token 0; response positions 0..T-2 predict 1..T-1
+        logits = cache["logits"][rows][:, None]
+        if T > 1:
+            m = torch.cat([p_mask, r_mask[:, :-1]], 1)
+            pos = (m.cumsum(1) - 1).clamp(min=0)[:, -(T - 1) :]
+            out = lm(inputs_embeds=embed(r_ids[:, :-1]).to(dtype), attention_mask=m, position_ids=pos,
+                     past_key_values=cache_rows(cache, rows), use_cache=True)
+            logits = torch.cat([logits, out.logits.float()], 1)
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
     cand, cand_lp = torch.zeros(0), torch.zeros(0)
     if top_k:
-        cand = logits.detach().masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices
-        cand_lp = logp_all.detach().gather(-1, cand)
-    return logp.detach(), cand, cand_lp, g
+        cand = logits.masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices
+        cand_lp = logp_all.gather(-1, cand)
+    return logp, cand, cand_lp
 
 
 def token_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, mb, top_k=0, cache=None, rows=None):
-    """log mu per response token and (top_k > 0) the top-k candidates and their log mu, without gradients."""
+    """response_logprobs in micro-batches."""
     if rows is None:
         rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device)
-    with torch.no_grad():
-        f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, top_k, cache=cache, rows=e)[:3]
-        return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, rows)
+    f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, top_k, cache, e)
+    return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, rows)
 
 
 # ALGO LOGIC: SVGD, phi(x_i) = (1/N) sum_j [k(x_j, x_i) grad R(x_j) / alpha + grad_{x_j} k(x_j, x_i)]
@@ -1003,6 +998,28 @@ def plot_runs(summaries, folder):
     os.makedirs(folder, exist_ok=True)
     fig.savefig(os.path.join(folder, "judge_vs_compute.png"), dpi=80)
     plt.close(fig)
+
+
+def matched_compute(folders):
+    """--plot-runs: every L > 0 of every run against the best-of-n of the frontier run (the one with --best-of-n)
+    with the fewest token-forwards per prompt at or above the run's: paired differences over prompts ± their SE."""
+    runs = [(json.load(open(os.path.join(d, "summary.json"))), [json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))])
+            for d in folders]
+    fs, fr = next(((s, r) for s, r in runs if s.get("best_of_n")), (None, None))
+    if fs is None:
+        return
+    cols = list(fs["judges"]) + ["nll"]
+    print(f"{'run':<26}{'L':>3}{'fwd/prompt':>11}{'vs best-of':>11}" + "".join(f"{c + ' diff':>18}" for c in cols))
+    for s, recs in runs:
+        if [r["prompt"] for r in recs] != [r["prompt"] for r in fr]:
+            print(f"warning: {s['run_name']} was not run on the frontier run's prompts; skipped")
+            continue
+        for L, x in ((L, x) for L, x in s["transport"].items() if L != "0"):
+            above = [m for m, y in fs["best_of_n"].items() if y["forwards_per_prompt"] >= x["forwards_per_prompt"]]
+            m = min(above, key=int) if above else max(fs["best_of_n"], key=int)
+            d = [np.array([r["vgf"][L][c] - f["best_of_n"][m][c] for r, f in zip(recs, fr)]) for c in cols]
+            print(f"{s['run_name']:<26}{L:>3}{x['forwards_per_prompt']:>11.0f}{m:>11}"
+                  + "".join(f"{v.mean():>+10.3f} ± {se(v):.3f}" for v in d))
 
 
 POSITIVE_LABELS = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
@@ -1457,6 +1474,7 @@ if __name__ == "__main__":
                 raise VGFError(f"--plot-runs: no summary.json in {missing}; pass finished run folders")
             runs = [json.load(open(os.path.join(d, "summary.json"))) for d in args.plot_runs]
             plot_runs(runs, args.output_dir)
+            matched_compute(args.plot_runs)
         else:
             main(args)
     except VGFError as e:

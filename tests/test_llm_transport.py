@@ -64,12 +64,9 @@ def closures(s, per_token):
     def logprob_fn(ids, emb, top_k, grad):
         prow = torch.arange(len(ids)) // (len(ids) // s["B"])
         pi, pm, m = s["p_ids"][prow], s["p_mask"][prow], live_mask(ids)
-        if not grad:
-            lp, cand, cand_lp = vgf_llm.token_logprobs(s["lm"], s["embed"], pi, pm, ids, m, s["allowed"], 64, top_k,
-                                                       s["cache"], prow)
-            return lp, cand, cand_lp, None
-        return vgf_llm.response_logprobs(s["lm"], s["embed"], pi, pm, ids, m, s["allowed"], 0, emb, True, s["cache"],
-                                         prow)
+        lp, cand, cand_lp = vgf_llm.token_logprobs(s["lm"], s["embed"], pi, pm, ids, m, s["allowed"], 64, top_k,
+                                                   s["cache"], prow)
+        return lp, cand, cand_lp, None
 
     return reward_fn, logprob_fn
 
@@ -170,9 +167,9 @@ def test_kv_cached_reward_and_logprobs_equal_uncached(setup, pooling):
         assert torch.allclose(plain[0], cached[0], atol=1e-5) and torch.allclose(plain[1], cached[1], atol=1e-5)
     assert all(torch.equal(k, k2) and torch.equal(v, v2) for (k, v), (k2, v2) in zip(rm_cache["kv"], kept))
     lm, embed = setup["lm"], setup["embed"]
-    args = (lm, embed, p_ids[prow], p_mask[prow], r_ids, r_mask, setup["allowed"], 6, e)
-    a = vgf_llm.response_logprobs(*args, grad=True)
-    b = vgf_llm.response_logprobs(*args, grad=True, cache=setup["cache"], rows=prow)
+    args = (lm, embed, p_ids[prow], p_mask[prow], r_ids, r_mask, setup["allowed"], 6)
+    a = vgf_llm.response_logprobs(*args)
+    b = vgf_llm.response_logprobs(*args, cache=setup["cache"], rows=prow)
     assert torch.equal(a[1], b[1])  # the same top-k candidates
-    for x, y in ((a[0], b[0]), (a[2], b[2]), (a[3], b[3])):
+    for x, y in ((a[0], b[0]), (a[2], b[2])):
         assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
