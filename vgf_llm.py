@@ -1017,7 +1017,7 @@ def matched_compute(folders):
         for L, x in ((L, x) for L, x in s["transport"].items() if L != "0"):
             above = [m for m, y in fs["best_of_n"].items() if y["forwards_per_prompt"] >= x["forwards_per_prompt"]]
             m = min(above, key=int) if above else max(fs["best_of_n"], key=int)
-            d = [np.array([r["vgf"][L][c] - f["best_of_n"][m][c] for r, f in zip(recs, fr)]) for c in cols]
+            d = [np.array([r["vgf"][L].get(c, np.nan) - f["best_of_n"][m][c] for r, f in zip(recs, fr)]) for c in cols]
             print(f"{s['run_name']:<26}{L:>3}{x['forwards_per_prompt']:>11.0f}{m:>11}"
                   + "".join(f"{v.mean():>+10.3f} ± {se(v):.3f}" for v in d))
 
@@ -1363,7 +1363,8 @@ def se(x):
 
 def compare(entries, bon, judges):
     """Means of entries (one dict per prompt) and, per judge and for NLL, the paired difference to best-of-N."""
-    out = {k: float(np.mean([e[k] for e in entries])) for k in entries[0] if k not in ("text",)}
+    names = dict(nll="nll_per_token", changed="tokens_changed", seconds="seconds_per_prompt", forwards="forwards_per_prompt")
+    out = {names.get(k, k): float(np.mean([e[k] for e in entries])) for k in entries[0] if k != "text"}
     for j in judges + ["nll"]:
         x, diff = np.array([e[j] for e in entries]), np.array([e[j] for e in entries]) - np.array([e[j] for e in bon])
         out.update({f"{j}_se": se(x), f"{j}_diff_vs_best_of_n": float(diff.mean()), f"{j}_diff_se": se(diff),
@@ -1378,8 +1379,6 @@ def summarise(records, steps, args, ctx):
     for L in steps:
         v = [r["vgf"][str(L)] for r in records]
         res = compare(v, bon, judges)
-        res["nll_per_token"], res["tokens_changed"] = res.pop("nll"), res.pop("changed")
-        res["seconds_per_prompt"], res["forwards_per_prompt"] = res.pop("seconds"), res.pop("forwards")
         res["kl_estimate_se"] = se([x["kl_estimate"] for x in v])
         res["win_rate_vs_best_of_n"] = win_rate([x["judge"] for x in v], [x["judge"] for x in bon])
         res["win_rate_vs_sample"] = win_rate([x["judge"] for x in v], [r["judge_sample"] for r in records])
@@ -1391,8 +1390,6 @@ def summarise(records, steps, args, ctx):
     frontier = {}
     for m in args.best_of_n:
         res = compare([r["best_of_n"][str(m)] for r in records], bon, judges)
-        res["nll_per_token"], res["seconds_per_prompt"], res["forwards_per_prompt"] = (
-            res.pop("nll"), res.pop("seconds"), res.pop("forwards"))
         frontier[str(m)] = dict(res, kl_bound=math.log(m) - (m - 1) / m)  # KL(best-of-m || mu) <= log m - (m-1)/m
     plain = lambda key: dict(**{j: float(np.mean([r[f"{j}_{key}"] for r in records])) for j in judges},
                              **{f"{j}_se": se([r[f"{j}_{key}"] for r in records]) for j in judges},
