@@ -535,6 +535,13 @@ def pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
     return r[: len(p)], r[len(p) :]
 
 
+def all_pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
+    """pair_rewards over all pairs, mb pairs at a time."""
+    out = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], pad_id, device, mb)
+           for i in range(0, len(p), mb)]
+    return tuple(torch.cat(x) for x in zip(*out))
+
+
 def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writer, eos_id, bf16=False):
     """Bradley-Terry training. bf16: the trained (float32) backbone runs its forward under bfloat16 autocast, so
     Adam updates float32 master weights."""
@@ -548,13 +555,10 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
     train_rows = train_rows[: args.rm_train_pairs]
     p, c, j = encode_pairs(tok, train_rows, args, eos_id)
     if not args.rm_train_backbone:  # frozen backbone: pool the last-token features once, then train only the head
-        head, rm.head, mb = rm.head, nn.Identity(), args.micro_batch_size
+        head, rm.head = rm.head, nn.Identity()
         with torch.no_grad():
-            feats = [
-                pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
-                for i in range(0, len(p), mb)
-            ]
-        rm.head, (fc, fr) = head, (torch.cat(f) for f in zip(*feats))
+            fc, fr = all_pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
+        rm.head = head
     step, rng = 0, random.Random(args.seed)
     for epoch in range(args.rm_epochs):
         order = list(range(len(p)))
@@ -587,10 +591,7 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     """Held-out pairwise accuracy; with standardise, fold (R - mean) / std of held-out rewards into the head."""
     rm.eval()
     p, c, j = encode_pairs(tok, rows[: args.rm_eval_pairs], args, eos_id)
-    mb = args.micro_batch_size
-    out = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
-           for i in range(0, len(p), mb)]
-    rc, rr = (torch.cat(x) for x in zip(*out))
+    rc, rr = all_pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
     loss, acc = bradley_terry_loss(rc, rr)
     if standardise:
         allr = torch.cat([rc, rr])
@@ -905,18 +906,19 @@ class Judge:
 
     def __init__(self, spec, args, device, dtype, fallback, shared=None):
         self.kind, self.name = "fallback", spec or "transport reward model (not independent)"
-        if spec == "vader":
-            try:
+        if spec in ("vader", "afinn"):  # VADER's compound score; the sum of the AFINN-165 valences of the words
+            package = {"vader": "vaderSentiment", "afinn": "afinn"}[spec]
+            if importlib.util.find_spec(package) is None:
+                raise VGFError(f"--judge {spec} needs `pip install {package}`")
+            if spec == "vader":
                 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-            except ImportError:
-                raise VGFError("--judge vader needs `pip install vaderSentiment`") from None
-            self.kind, self.vader = "vader", SentimentIntensityAnalyzer()
-        elif spec == "afinn":
-            try:
+
+                self.lexicon = lambda t, a=SentimentIntensityAnalyzer(): a.polarity_scores(t)["compound"]
+            else:
                 from afinn import Afinn
-            except ImportError:
-                raise VGFError("--judge afinn needs `pip install afinn`") from None
-            self.kind, self.afinn = "afinn", Afinn()  # the sum of the AFINN-165 valences of a text's words
+
+                self.lexicon = lambda t, a=Afinn(): float(a.score(t))
+            self.kind = "lexicon"
         elif spec and os.path.isfile(os.path.join(spec, "vgf_reward.json")):
             self.kind, self.tok = "rm", load_tokenizer(spec)
             self.rm = RewardModel.load(spec, dtype, shared)[0].to(device).eval()
@@ -934,10 +936,8 @@ class Judge:
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        if self.kind == "vader":
-            return [self.vader.polarity_scores(r)["compound"] for r in responses]
-        if self.kind == "afinn":
-            return [float(self.afinn.score(r)) for r in responses]
+        if self.kind == "lexicon":
+            return [self.lexicon(r) for r in responses]
         if self.kind == "hub":
             if self.tok.chat_template:  # a chat reward model scores the conversation in its own template
                 texts = [
