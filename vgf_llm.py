@@ -1,5 +1,6 @@
 # Value Gradient Flow (VGF) for language models: a base model + a learned reward model -> a generator that draws
-# N responses from the base model and transports them toward pi* ∝ mu · exp(R / alpha) with SVGD.
+# N responses from the base model and transports them toward pi* ∝ mu · exp(R / alpha): with SVGD on the token
+# embeddings (the paper's described configuration) or by value-gradient Metropolis-Hastings (exact for pi*).
 # Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
 # Stages, in the paper's order: value learning -> reference sampler -> transport -> evaluation.
 import contextlib
