@@ -1,5 +1,6 @@
 # Value Gradient Flow (VGF) for language models: a base model + a learned reward model -> a generator that draws
-# N responses from the base model and transports them toward pi* ∝ mu · exp(R / alpha) with SVGD.
+# N responses from the base model and transports them toward pi* ∝ mu · exp(R / alpha): with SVGD on the token
+# embeddings (the paper's described configuration) or by value-gradient Metropolis-Hastings (exact for pi*).
 # Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
 # Stages, in the paper's order: value learning -> reference sampler -> transport -> evaluation.
 import contextlib
@@ -12,6 +13,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Annotated, Literal, Optional
 
 import numpy as np
@@ -93,34 +95,26 @@ class Args:
     """N: responses drawn from the base model per prompt"""
     transport_steps: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     """transport budgets L evaluated (0 = best-of-N); one flow of max(L) steps is snapshotted at each L"""
-    transport: Literal["soft", "embed", "topk"] = "embed"
-    """particle space: soft (logits over mu's top-k), embed (embeddings projected to mu's top-k), topk (swaps)"""
+    transport: Literal["embed", "mh", "topk"] = "embed"
+    """embed: the paper's configuration as described (README), mh: value-gradient Metropolis-Hastings, topk: baseline"""
+    mh_tau: float = 5.0
+    """mh: weight τ of the first-order gain Δ_t(v) in the token proposal (0: mu's top-k; 1/(2 alpha) is balanced)"""
+    mh_kappa: float = 5.0
+    """mh: weight κ of max_v Δ_t(v) in the position proposal (0: uniform over the response's positions)"""
     step_size: float = 1.0
-    """epsilon in (0, 1000], the Adam learning rate: in logits (soft) or nearest-neighbour distances (embed)"""
+    """embed: epsilon in (0, 1000], the Adam learning rate, in nearest-neighbour distances of the embedding table"""
     alpha: float = 0.1
-    """temperature (> 0, finite) of the target pi* ∝ mu^lm_coef · exp(R / alpha), in reward std units"""
+    """temperature (> 0, finite) of the target pi* ∝ mu · exp(R / alpha), in reward std units (R standardised)"""
     lm_coef: float = 0.0
-    """weight of grad log mu in the score (soft, embed) or of log mu in the acceptance (topk); 0 = the official score"""
+    """topk: weight of log mu in its acceptance test R / alpha + lm_coef log mu"""
     top_k: int = 8
-    """tokens of the base model's next-token distribution a position may move to (0 = the whole vocabulary, embed)"""
-    soft_margin: float = 1.0
-    """soft: initial logit of the sampled token above the most likely other candidate (others start at log mu)"""
-    straight_through: bool = True
-    """soft: score R on the decoded argmax tokens, gradient through the softmax relaxation (else R of the mixture)"""
+    """mh, topk: the candidate tokens at a position are mu's top-k next tokens after the response's prefix"""
     num_proposals: int = 4
     """topk transport: single-token moves per particle and step that are re-scored exactly"""
-    project_every_step: bool = True
-    """embed: score R on the decoded tokens and snap a changed position onto its token (else decode at the end)"""
-    variable_length: bool = True
-    """EOS is a candidate like any other token: responses shorten, or grow one token per step, within max_new_tokens"""
-    nll_filter: bool = True
-    """replace a transported particle by its reference sample when its NLL/token exceeds every reference sample's"""
-    kv_cache: bool = True
-    """compute the prompts' keys and values once per prompt batch and run only the responses in the transport"""
     save_trajectories: bool = False
     """write every particle's text, R and NLL/token after every transport step to trajectories.jsonl"""
     plot_runs: Annotated[list[str], shown_default("none")] = field(default_factory=list)
-    """only draw reward_vs_nll.png into --output-dir from these run folders (one line per run), then exit"""
+    """only draw judge_vs_compute.png into --output-dir from these run folders (one line per run), then exit"""
     max_new_tokens: int = 64
     """fixed generation length; responses are truncated after their first EOS"""
     temperature: float = 1.0
@@ -132,7 +126,11 @@ class Args:
     micro_batch_size: int = 32
     """sequences per forward pass"""
     judge: Annotated[Optional[str], shown_default("the transport reward model, flagged as not independent")] = None
-    """scorer not used for transport: `vader`, a reward-model folder or a hub classifier id"""
+    """scorer not used for transport: `vader`, `afinn`, a reward-model folder or a hub classifier id"""
+    judge2: Annotated[Optional[str], shown_default("none")] = None
+    """a second independent scorer, reported beside --judge (same choices), e.g. `afinn`"""
+    best_of_n: Annotated[list[int], shown_default("none")] = field(default_factory=list)
+    """also report best-of-n from the first n of the N samples for each n here (the best-of-N frontier of one draw)"""
 
 
 # TRY NOT TO MODIFY: loading models and data, with errors that say what to do
@@ -563,6 +561,13 @@ def pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
     return r[: len(p)], r[len(p) :]
 
 
+def all_pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
+    """pair_rewards over all pairs, mb pairs at a time."""
+    out = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], pad_id, device, mb)
+           for i in range(0, len(p), mb)]
+    return tuple(torch.cat(x) for x in zip(*out))
+
+
 def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writer, eos_id, bf16=False):
     """Bradley-Terry training. bf16: the trained (float32) backbone runs its forward under bfloat16 autocast, so
     Adam updates float32 master weights."""
@@ -576,13 +581,10 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
     train_rows = train_rows[: args.rm_train_pairs]
     p, c, j = encode_pairs(tok, train_rows, args, eos_id)
     if not args.rm_train_backbone:  # frozen backbone: pool the last-token features once, then train only the head
-        head, rm.head, mb = rm.head, nn.Identity(), args.micro_batch_size
+        head, rm.head = rm.head, nn.Identity()
         with torch.no_grad():
-            feats = [
-                pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], tok.pad_token_id, device, mb)
-                for i in range(0, len(p), mb)
-            ]
-        rm.head, (fc, fr) = head, (torch.cat(f) for f in zip(*feats))
+            fc, fr = all_pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
+        rm.head = head
     step, rng = 0, random.Random(args.seed)
     for epoch in range(args.rm_epochs):
         order = list(range(len(p)))
@@ -615,20 +617,7 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     """Held-out pairwise accuracy; with standardise, fold (R - mean) / std of held-out rewards into the head."""
     rm.eval()
     p, c, j = encode_pairs(tok, rows[: args.rm_eval_pairs], args, eos_id)
-    rc, rr = [], []
-    for i in range(0, len(p), args.micro_batch_size):
-        a, b = pair_rewards(
-            rm,
-            embed,
-            p[i : i + args.micro_batch_size],
-            c[i : i + args.micro_batch_size],
-            j[i : i + args.micro_batch_size],
-            tok.pad_token_id,
-            device,
-            args.micro_batch_size,
-        )
-        rc.append(a), rr.append(b)
-    rc, rr = torch.cat(rc), torch.cat(rr)
+    rc, rr = all_pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
     loss, acc = bradley_terry_loss(rc, rr)
     if standardise:
         allr = torch.cat([rc, rr])
@@ -682,45 +671,39 @@ def through_first_stop(tokens, eos_ids):
     return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
-def response_logprobs(
-    lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, r_emb=None, grad=False, cache=None, rows=None
-):
-    """log mu(y_t | x, y_<t) per response token; the top-k allowed next tokens at each position and their log mu;
-    optionally d/dr_emb of sum_t log mu(y_t | x, r_emb_<t) (the score of the base model along the context).
+@torch.no_grad()
+def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, cache=None, rows=None):
+    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position and their log mu.
     With cache (`prompt_cache` of lm) and rows, only the response is run."""
     T, dtype = r_ids.shape[1], embed.weight.dtype
-    re = (embed(r_ids) if r_emb is None else r_emb).detach().float().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        if cache is None:
-            x, m = joint_embeds(embed, p_ids, p_mask, re.to(dtype), r_mask)
-            pos = (m.cumsum(1) - 1).clamp(min=0)
-            logits = lm(inputs_embeds=x, attention_mask=m, position_ids=pos, logits_to_keep=T + 1).logits
-            logits = logits[:, :-1].float()  # position P-1+t predicts response token t
-        else:  # the prompt's last position (cached) predicts token 0; response positions 0..T-2 predict 1..T-1
-            logits = cache["logits"][rows][:, None]
-            if T > 1:
-                m = torch.cat([p_mask, r_mask[:, :-1]], 1)
-                pos = (m.cumsum(1) - 1).clamp(min=0)[:, -(T - 1) :]
-                out = lm(inputs_embeds=re[:, :-1].to(dtype), attention_mask=m, position_ids=pos,
-                         past_key_values=cache_rows(cache, rows), use_cache=True)
-                logits = torch.cat([logits, out.logits.float()], 1)
-        logp_all = logits.log_softmax(-1)
-        logp = logp_all.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
-        g = torch.autograd.grad(logp.sum(), re)[0] if grad else torch.zeros(0)
+    if cache is None:
+        x, m = joint_embeds(embed, p_ids, p_mask, embed(r_ids), r_mask)
+        pos = (m.cumsum(1) - 1).clamp(min=0)
+        logits = lm(inputs_embeds=x, attention_mask=m, position_ids=pos, logits_to_keep=T + 1).logits
+        logits = logits[:, :-1].float()  # position P-1+t predicts response token t
+    else:  # the prompt's last position (cached) predicts token 0; response positions 0..T-2 predict 1..T-1
+        logits = cache["logits"][rows][:, None]
+        if T > 1:
+            m = torch.cat([p_mask, r_mask[:, :-1]], 1)
+            pos = (m.cumsum(1) - 1).clamp(min=0)[:, -(T - 1) :]
+            out = lm(inputs_embeds=embed(r_ids[:, :-1]).to(dtype), attention_mask=m, position_ids=pos,
+                     past_key_values=cache_rows(cache, rows), use_cache=True)
+            logits = torch.cat([logits, out.logits.float()], 1)
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
     cand, cand_lp = torch.zeros(0), torch.zeros(0)
     if top_k:
-        cand = logits.detach().masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices
-        cand_lp = logp_all.detach().gather(-1, cand)
-    return logp.detach(), cand, cand_lp, g
+        cand = logits.masked_fill(~allowed[: logits.shape[-1]], -torch.inf).topk(top_k, -1).indices
+        cand_lp = logp_all.gather(-1, cand)
+    return logp, cand, cand_lp
 
 
 def token_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, mb, top_k=0, cache=None, rows=None):
-    """log mu per response token and (top_k > 0) the top-k candidates and their log mu, without gradients."""
+    """response_logprobs in micro-batches."""
     if rows is None:
         rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device)
-    with torch.no_grad():
-        f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, top_k, cache=cache, rows=e)[:3]
-        return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, rows)
+    f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, top_k, cache, e)
+    return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, rows)
 
 
 # ALGO LOGIC: SVGD, phi(x_i) = (1/N) sum_j [k(x_j, x_i) grad R(x_j) / alpha + grad_{x_j} k(x_j, x_i)]
@@ -750,13 +733,6 @@ def nearest_tokens(u, table, allowed, chunk=4096):
     flat = u.reshape(-1, u.shape[-1]).float()
     ids = [(2 * flat[i : i + chunk] @ table.T - bias).argmax(-1) for i in range(0, len(flat), chunk)]
     return torch.cat(ids).view(u.shape[:-1])
-
-
-def nearest_candidates(u, cand, table):
-    """Nearest token of each embedding u (..., d) among its own candidates cand (..., k): the projection onto the set
-    the base model allows at that position (as clipping to the action box [-1, 1] offline)."""
-    d2 = (table[cand].float() - u[..., None, :].float()).pow(2).sum(-1)
-    return cand.gather(-1, d2.argmin(-1, keepdim=True)).squeeze(-1)
 
 
 def table_spacing(table, allowed, sample=2048, chunk=256):
@@ -789,144 +765,166 @@ def end_at_eos(ids, ends, eos_ids, eos_id):
     return torch.where(grow[:, None] & at_new, eos_id, ids), new
 
 
-def transport(
-    ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args,
-    eos_ids=None, eos_id=None, spacing=None, trace=None,
-):
-    """Moves the N reference particles of each prompt for max(steps) SVGD steps; snapshots (tokens, R, sum log mu,
-    seconds, mask) at every L in steps, and after every step into the list `trace` when given.
+# ALGO LOGIC: transport. Particle spaces over one SVGD direction (embed, topk) and the MH chain (mh)
+def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args,
+              eos_ids=None, eos_id=None, spacing=None, trace=None, suffix_fn=None, cost=None):
+    """Moves the N reference particles of each prompt for max(steps) steps in the space of --transport; snapshots
+    (tokens, R, sum log mu, seconds, mask, info) at every L in steps, and after every step into the list `trace`.
     ref_ids (B*N, T); reward_fn(ids, emb, grad) -> R [, dR/demb]; logprob_fn(ids, emb, top_k, grad) -> (log mu per
-    token, top-k next tokens, their log mu, d log mu / demb). With eos_ids, EOS is a position like any other and
-    lengths change; without, the positions in `movable` move and lengths stay."""
-    BN, T = ref_ids.shape
-    mode, k, t0 = args.transport, args.top_k, time.time()
-    pos = torch.arange(T, device=ref_ids.device)
-    ids, ends = ref_ids.clone(), r_mask.sum(1) - 1
-    ref_ends, table, snaps = ends.clone(), embed_table.float(), {}
+    token, top-k next tokens, their log mu, d log mu / demb); suffix_fn(ids, t, v) -> (ids', stop positions), mh
+    only; cost() -> model token-forwards so far. With eos_ids the stop token is a position like any other and
+    lengths change; without, the positions in `movable` move (embed, topk)."""
+    cost = cost or (lambda: 0)
+    if args.transport == "mh":
+        return mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, embed_table, args, trace, cost)
+    flow = topk_search if args.transport == "topk" else embed_flow
+    return flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table.float(), allowed, args,
+                eos_ids, eos_id, spacing, trace, cost)
 
-    def movable_now():
-        if eos_ids is None:
-            return movable.bool()
-        m = (pos <= ends[:, None]) & (pos < T - 1)  # live positions, EOS included; the last is the length budget
-        return m & (pos < ref_ends[:, None]) if mode == "soft" else m  # soft: candidates exist within the reference
 
-    def record(step):
-        live = r_mask.bool() if eos_ids is None else pos <= ends[:, None]
-        snap = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0, live.long())
-        if step in steps:
-            snaps[step] = snap
-        if trace is not None:
-            trace.append(snap)
+def snapshot(snaps, trace, steps, step, ids, R, lp, t0, live, cost, **info):
+    """(tokens, R, sum log mu, seconds, mask, info) after `step`: kept when step is in steps, and in trace."""
+    snap = (ids.clone(), R.clone(), lp.sum(1), time.time() - t0, live.long(), dict(info, forwards=cost()))
+    if step in steps:
+        snaps[step] = snap
+    if trace is not None:
+        trace.append(snap)
 
-    # the particles' reward on their tokens (best-of-N scoring) and, where the next step needs it, dR/dE at them
-    hard_grad = (mode == "soft" and args.straight_through) or (mode == "embed" and args.project_every_step)
-    if hard_grad and max(steps) > 0:
-        R, g_next = reward_fn(ids, table[ids], True)
-    else:
-        R, g_next = reward_fn(ids, None, False), None
-    lp, cand, cand_lp, _ = logprob_fn(ids, None, k, False)
-    record(0)
-    if mode == "soft":  # particle = per-position logits over [sampled token; mu's top-k], mu's log-probs below it
-        C = torch.cat([ids[..., None], cand], -1)
-        valid = torch.cat([torch.ones_like(ids[..., None], dtype=torch.bool), cand != ids[..., None]], -1)
-        top_other = cand_lp.masked_fill(~valid[..., 1:], -torch.inf).max(-1).values
-        z = torch.cat([torch.maximum(lp, top_other)[..., None] + args.soft_margin, cand_lp], -1)
-        z = z.masked_fill(~valid, 0).requires_grad_(True)
-        E_C = table[C]
-        opt = torch.optim.Adam([z], lr=args.step_size)  # fresh Adam per transport, on -phi pulled back to the logits
-    elif mode == "embed":
-        spacing = spacing or table_spacing(table, allowed)
-        u = table[ids].clone().requires_grad_(True)  # Adam's first step moves every coordinate by lr: scale to spacing
-        opt = torch.optim.Adam([u], lr=args.step_size * spacing / math.sqrt(table.shape[1]))
-    else:  # topk: moves already rejected, remembered until the particle moves
-        tried = torch.zeros(cand.shape, dtype=torch.bool, device=ids.device)
-    J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + lm_coef log mu (+ const)
+
+def movable_now(movable, ends, eos_ids, T):
+    """Positions that may change: `movable` at fixed length; else the live ones, the stop token included, before
+    the last position (the length budget)."""
+    if eos_ids is None:
+        return movable.bool()
+    pos = torch.arange(T, device=ends.device)
+    return (pos <= ends[:, None]) & (pos < T - 1)
+
+
+def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
+               spacing, trace, cost):
+    """The configuration a third-party summary of the paper describes: particles = the response's token embeddings
+    u, moved by Adam(lr = ε · spacing / √d: its first step moves every coordinate by lr) on −phi, phi the SVGD
+    direction of the score ∇R/α only, ∇R taken at the continuous embeddings. Each position decodes to the
+    vocabulary's nearest allowed token, for scoring only (the particles themselves are never projected)."""
+    T, t0, snaps = ref_ids.shape[1], time.time(), {}
+    pos, ids, ends = torch.arange(T, device=ref_ids.device), ref_ids.clone(), r_mask.sum(1) - 1
+    live = lambda: r_mask if eos_ids is None else pos <= ends[:, None]
+    R, lp = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[0]
+    snapshot(snaps, trace, steps, 0, ids, R, lp, t0, live(), cost)
+    u = table[ids].clone().requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=args.step_size * (spacing or table_spacing(table, allowed)) / math.sqrt(u.shape[-1]))
     for step in range(1, max(steps) + 1):
-        mov = movable_now()
-        if mode in ("soft", "embed"):
-            if mode == "soft":
-                p = z.detach().masked_fill(~valid, -torch.inf).softmax(-1)
-                x = (p[..., None] * E_C).sum(-2)  # soft embeddings: the particles' positions in the table's space
-                at = table[ids] if args.straight_through else x
-            else:
-                x = at = u.detach()
-            g = g_next if g_next is not None else reward_fn(ids, at, True)[1]
-            score = g / args.alpha  # the official score: grad R / alpha
-            if args.lm_coef:  # ablation, target pi* ∝ mu exp(R/alpha): + lm_coef grad log mu
-                score = score + args.lm_coef * logprob_fn(ids, at, 0, True)[3]
-            phi = particle_direction(x, score, mov, n)
-            opt.zero_grad()
-            if mode == "soft":  # chain rule of x = softmax(z) @ E_C: dz_v = p_v (E_v - x) . phi
-                s = (E_C @ phi[..., None]).squeeze(-1)
-                z.grad = -(p * (s - (p * s).sum(-1, keepdim=True))) * mov[..., None]
-                opt.step()
-                new = C.gather(-1, z.detach().masked_fill(~valid, -torch.inf).argmax(-1, keepdim=True)).squeeze(-1)
-                ids = torch.where(mov, new, ids)
-                if eos_ids is not None:
-                    ends = first_eos(ids, eos_ids)
-            else:
-                u.grad = -phi
-                opt.step()
-                if k:
-                    new = nearest_candidates(u.detach(), torch.cat([ids[..., None], cand], -1), table)
-                else:
-                    new = nearest_tokens(u.detach(), table, allowed)
-                prev, ids = ids, torch.where(mov, new, ids)
-                if eos_ids is not None:
-                    ids, ends = end_at_eos(ids, ends, eos_ids, eos_id)
-                if args.project_every_step:  # a position that changed token snaps onto it; others keep their offset
-                    with torch.no_grad():
-                        u.copy_(torch.where((ids != prev)[..., None], table[ids], u))
-            if hard_grad and step < max(steps):
-                R, g_next = reward_fn(ids, table[ids], True)
-            else:
-                R, g_next = reward_fn(ids, None, False), None
-            lp, cand, cand_lp, _ = logprob_fn(ids, None, k if mode == "embed" else 0, False)
-        else:
-            # discrete step: candidates = top-k tokens of mu; first-order gain (E_v - u_t) . phi_t; exact acceptance
-            u_cur = table[ids]
-            _, g = reward_fn(ids, u_cur, True)
-            phi = particle_direction(u_cur, g / args.alpha, mov, n)
-            gain = ((table[cand] - u_cur[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
-            gain = gain.masked_fill((cand == ids[..., None]) | ~mov[..., None] | tried, -torch.inf)
-            m = min(args.num_proposals, T * k)
-            best = gain.flatten(1).topk(m, -1)
-            at_pos, kk = best.indices // k, best.indices % k
-            prop = ids.repeat_interleave(m, 0)
-            rows = torch.arange(BN * m, device=ids.device)
-            prop[rows, at_pos.flatten()] = cand.flatten(0, 1)[(rows // m) * T + at_pos.flatten(), kk.flatten()]
-            prop_ends = ends.repeat_interleave(m, 0)
-            if eos_ids is not None:
-                prop, prop_ends = end_at_eos(prop, prop_ends, eos_ids, eos_id)
-            Rp = reward_fn(prop, None, False)
-            lpp, candp, candp_lp, _ = logprob_fn(prop, None, k, False)
-            Jp = J(Rp, lpp).masked_fill(~torch.isfinite(best.values.flatten()), -torch.inf).view(BN, m)
-            jbest, arg = Jp.max(1)
-            accept = jbest > J(R, lp)
-            pick = torch.arange(BN, device=ids.device) * m + arg
-            ids = torch.where(accept[:, None], prop[pick], ids)
-            ends = torch.where(accept, prop_ends[pick], ends)
-            R = torch.where(accept, Rp[pick], R)
-            lp = torch.where(accept[:, None], lpp[pick], lp)
-            cand = torch.where(accept[:, None, None], candp[pick], cand)
-            tried = tried.flatten(1).scatter(1, best.indices, True).view_as(tried) & ~accept[:, None, None]
-        record(step)
+        mov, x = movable_now(movable, ends, eos_ids, T), u.detach()
+        opt.zero_grad()
+        u.grad = -particle_direction(x, reward_fn(ids, x, True)[1] / args.alpha, mov, n)
+        opt.step()
+        ids = torch.where(mov, nearest_tokens(u.detach(), table, allowed), ids)
+        if eos_ids is not None:
+            ids, ends = end_at_eos(ids, ends, eos_ids, eos_id)
+        R, lp = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[0]
+        snapshot(snaps, trace, steps, step, ids, R, lp, t0, live(), cost)
     return snaps
 
 
-def select(snap, ref, n, nll_filter):
-    """Argmax of the re-scored reward over each prompt's particles (L = 0: best-of-N exactly). snap and ref are
-    transport snapshots (ids, R, sum log mu, seconds, mask). With nll_filter, a particle less likely per token than
-    every reference sample of its prompt falls back to its reference sample."""
-    ids, R, lp_sum, _, mask = snap
+def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
+                spacing, trace, cost):
+    """Baseline (a search, not a transport): each step ranks the single-token swaps to mu's top-k tokens by the
+    first-order gain (E_v − u_t)·phi_t along the SVGD direction, re-scores the best --num-proposals exactly and
+    keeps the best one if it raises R/α + lm_coef log mu. Rejected moves are remembered until the particle moves."""
+    (BN, T), k, t0, snaps = ref_ids.shape, args.top_k, time.time(), {}
+    pos, ids, ends = torch.arange(T, device=ref_ids.device), ref_ids.clone(), r_mask.sum(1) - 1
+    live = lambda: r_mask if eos_ids is None else pos <= ends[:, None]
+    R = reward_fn(ids, None, False)
+    lp, cand, _, _ = logprob_fn(ids, None, k if max(steps) else 0, False)
+    snapshot(snaps, trace, steps, 0, ids, R, lp, t0, live(), cost)
+    tried = torch.zeros_like(cand, dtype=torch.bool) if max(steps) else None
+    J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + lm_coef log mu (+ const)
+    for step in range(1, max(steps) + 1):
+        mov, u = movable_now(movable, ends, eos_ids, T), table[ids]
+        phi = particle_direction(u, reward_fn(ids, u, True)[1] / args.alpha, mov, n)
+        gain = ((table[cand] - u[:, :, None]) * phi[:, :, None]).sum(-1)  # (BN, T, k)
+        gain = gain.masked_fill((cand == ids[..., None]) | ~mov[..., None] | tried, -torch.inf)
+        m = min(args.num_proposals, T * k)
+        best = gain.flatten(1).topk(m, -1)
+        at_pos, kk = best.indices // k, best.indices % k
+        prop, rows = ids.repeat_interleave(m, 0), torch.arange(BN * m, device=ids.device)
+        prop[rows, at_pos.flatten()] = cand.flatten(0, 1)[(rows // m) * T + at_pos.flatten(), kk.flatten()]
+        prop_ends = ends.repeat_interleave(m, 0)
+        if eos_ids is not None:
+            prop, prop_ends = end_at_eos(prop, prop_ends, eos_ids, eos_id)
+        Rp = reward_fn(prop, None, False)
+        lpp, candp, _, _ = logprob_fn(prop, None, k, False)
+        Jp = J(Rp, lpp).masked_fill(~torch.isfinite(best.values.flatten()), -torch.inf).view(BN, m)
+        jbest, arg = Jp.max(1)
+        accept = jbest > J(R, lp)
+        pick = torch.arange(BN, device=ids.device) * m + arg
+        ids, ends = torch.where(accept[:, None], prop[pick], ids), torch.where(accept, prop_ends[pick], ends)
+        R, lp = torch.where(accept, Rp[pick], R), torch.where(accept[:, None], lpp[pick], lp)
+        cand = torch.where(accept[:, None, None], candp[pick], cand)
+        tried = tried.flatten(1).scatter(1, best.indices, True).view_as(tried) & ~accept[:, None, None]
+        snapshot(snaps, trace, steps, step, ids, R, lp, t0, live(), cost, accepted=accept)
+    return snaps
+
+
+# ALGO LOGIC: value-gradient Metropolis-Hastings toward pi*(y|x) ∝ mu(y|x) exp(R(x, y) / alpha)
+def mh_terms(ids, ends, g, cand, cand_lp, table, tau, kappa):
+    """First-order gains Δ_t(v) = g_t·(E_v − E_{y_t}) over the candidates C_t (mu's top-k after y_<t), log q(t|y)
+    ∝ κ max_v Δ_t(v) over the positions that may change (up to the stop token, before the forced stop at the
+    budget), and log Z_t(y) = logsumexp_v [log mu(v|y_<t) + τ Δ_t(v)] of the token proposal."""
+    delta = ((table[cand] - table[ids][:, :, None]) * g[:, :, None]).sum(-1)  # (BN, W, k)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    may = pos <= ends.clamp(max=ids.shape[1] - 2)[:, None]
+    log_q = (kappa * delta.max(-1).values).masked_fill(~may, -torch.inf).log_softmax(-1)
+    return delta, log_q, (cand_lp + tau * delta).logsumexp(-1)
+
+
+def mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, table, args, trace=None,
+                 cost=lambda: 0, hastings=True):
+    """One Metropolis-Hastings chain per particle, started from the reference samples; snapshots (tokens, R,
+    sum log mu, seconds, mask, info) at every L in steps. A step proposes t ~ q(t|y), v ~ mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y)
+    over C_t, then y'_>t ~ mu(·|y_<t, v) via suffix_fn(ids, t, v) -> (ids', stop positions), and accepts with
+    log A = (R(y') − R(y))/α + log q(t|y') − log q(t|y) + τ(Δ'_t(y_t) − Δ_t(v)) + log Z_t(y) − log Z_t(y').
+    Algebra: π*(y')/π*(y) = mu(y_<t) mu(v|y_<t) mu(y'_>t|y_<t, v) e^{R'/α} / [mu(y_<t) mu(y_t|y_<t) mu(y_>t|y_≤t) e^{R/α}];
+    Q(y→y') = q(t|y) mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y) · mu(y'_>t|y_<t, v), Q(y'→y) = q(t|y') mu(y_t|y_<t) e^{τΔ'_t(y_t)}
+    / Z_t(y') · mu(y_>t|y_≤t): in π*(y') Q(y'→y) / [π*(y) Q(y→y')] every mu factor cancels, leaving log A. The reverse
+    move picks the same t (y'_<t = y_<t), so detailed balance holds for each t; it is impossible when y_t ∉ C_t
+    (rejected). The width W of ref_ids is the budget plus the forced stop. hastings=False drops every term but
+    (R' − R)/α (exact only for τ = κ = 0)."""
+    BN, W = ref_ids.shape
+    tau, kappa, k, t0 = args.mh_tau, args.mh_kappa, args.top_k, time.time()
+    ids, ends, table, snaps = ref_ids.clone(), r_mask.sum(1) - 1, table.float(), {}
+    rows, pos = torch.arange(BN, device=ids.device), torch.arange(W, device=ids.device)
+    R, g = reward_fn(ids, table[ids], True) if max(steps) else (reward_fn(ids, None, False), None)
+    lp, cand, cand_lp, _ = logprob_fn(ids, None, k if max(steps) else 0, False)
+    t, accept = torch.zeros_like(ends), torch.zeros_like(ends, dtype=torch.bool)
+    for step in range(max(steps) + 1):
+        if step:
+            delta, log_q, log_z = mh_terms(ids, ends, g, cand, cand_lp, table, tau, kappa)
+            t = torch.multinomial(log_q.exp(), 1)[:, 0]
+            j = torch.multinomial((cand_lp + tau * delta)[rows, t].softmax(-1), 1)[:, 0]
+            prop, prop_ends = suffix_fn(ids, t, cand[rows, t, j])
+            Rp, gp = reward_fn(prop, table[prop], True)
+            lpp, candp, candp_lp, _ = logprob_fn(prop, None, k, False)
+            dp, log_qp, log_zp = mh_terms(prop, prop_ends, gp, candp, candp_lp, table, tau, kappa)
+            back = candp[rows, t] == ids[rows, t, None]  # y_t among the reverse move's candidates
+            log_a = (Rp - R) / args.alpha
+            if hastings:
+                rev = (dp[rows, t] * back).sum(-1)  # Δ'_t(y_t)
+                log_a = log_a + log_qp[rows, t] - log_q[rows, t] + tau * (rev - delta[rows, t, j])
+                log_a = log_a + log_z[rows, t] - log_zp[rows, t]
+            accept = back.any(-1) & (torch.rand(BN, device=ids.device).log() < log_a)
+            a2, a3 = accept[:, None], accept[:, None, None]
+            ids, ends, R = torch.where(a2, prop, ids), torch.where(accept, prop_ends, ends), torch.where(accept, Rp, R)
+            g, lp = torch.where(a3, gp, g), torch.where(a2, lpp, lp)
+            cand, cand_lp = torch.where(a3, candp, cand), torch.where(a3, candp_lp, cand_lp)
+        snapshot(snaps, trace, steps, step, ids, R, lp, t0, pos <= ends[:, None], cost, position=t, accepted=accept)
+    return snaps
+
+
+def select(snap, n):
+    """Argmax of the re-scored reward over each prompt's particles (L = 0: best-of-N exactly)."""
+    ids, R, lp_sum, _, mask = snap[:5]
     nll = -lp_sum / mask.sum(1).clamp(min=1)
-    if nll_filter:
-        ref_ids, ref_R, ref_lp, _, ref_mask = ref
-        ref_nll = -ref_lp / ref_mask.sum(1).clamp(min=1)
-        bad = (nll.view(-1, n) > ref_nll.view(-1, n).max(1, keepdim=True).values + 1e-6).flatten()
-        ids, R = torch.where(bad[:, None], ref_ids, ids), torch.where(bad, ref_R, R)
-        nll = torch.where(bad, ref_nll, nll)
-        mask = torch.where(bad[:, None], ref_mask, mask)
     best = R.view(-1, n).argmax(1) + torch.arange(len(R) // n, device=R.device) * n
     return best, ids[best], R[best], nll[best], mask[best]
 
@@ -937,12 +935,19 @@ class Judge:
 
     def __init__(self, spec, args, device, dtype, fallback, shared=None):
         self.kind, self.name = "fallback", spec or "transport reward model (not independent)"
-        if spec == "vader":
-            try:
+        if spec in ("vader", "afinn"):  # VADER's compound score; the sum of the AFINN-165 valences of the words
+            package = {"vader": "vaderSentiment", "afinn": "afinn"}[spec]
+            if importlib.util.find_spec(package) is None:
+                raise VGFError(f"--judge {spec} needs `pip install {package}`")
+            if spec == "vader":
                 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-            except ImportError:
-                raise VGFError("--judge vader needs `pip install vaderSentiment`") from None
-            self.kind, self.vader = "vader", SentimentIntensityAnalyzer()
+
+                self.lexicon = lambda t, a=SentimentIntensityAnalyzer(): a.polarity_scores(t)["compound"]
+            else:
+                from afinn import Afinn
+
+                self.lexicon = lambda t, a=Afinn(): float(a.score(t))
+            self.kind = "lexicon"
         elif spec and os.path.isfile(os.path.join(spec, "vgf_reward.json")):
             self.kind, self.tok = "rm", load_tokenizer(spec)
             self.rm = RewardModel.load(spec, dtype, shared)[0].to(device).eval()
@@ -960,8 +965,8 @@ class Judge:
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        if self.kind == "vader":
-            return [self.vader.polarity_scores(r)["compound"] for r in responses]
+        if self.kind == "lexicon":
+            return [self.lexicon(r) for r in responses]
         if self.kind == "hub":
             if self.tok.chat_template:  # a chat reward model scores the conversation in its own template
                 texts = [
@@ -987,41 +992,69 @@ class Judge:
         return rewards(self.rm, embed, pi.to(d), pm.to(d), ri.to(d), rmask.to(d), self.args.micro_batch_size).tolist()
 
 
-def plot_reward_vs_nll(summaries, folder):
-    """reward_vs_nll.png: the judge's score and the base model's NLL/token of the selected response against L, one
-    line per run (bars: standard error of the paired difference to best-of-N)."""
+def run_label(a):
+    """A run's method in a plot or table: the transport and the settings that distinguish it."""
+    extra = {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}"}.get(a["transport"], "")
+    return a["transport"] + extra + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] == "topk" else "")
+
+
+def plot_runs(summaries, folder):
+    """judge_vs_compute.png: each judge's score of the selected response against model token-forwards per prompt
+    (log x; one point per L, the best-of-N frontier in black) and against its NLL/token under mu."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if len({round(s["transport"]["0"]["judge"], 9) for s in summaries if "0" in s["transport"]}) > 1:
-        print("warning: the runs' best-of-N scores differ: they were not run on the same prompts and samples")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    judges = [j for j in ("judge", "judge2") if all(j in s["transport"]["0"] for s in summaries)]
+    fig, axes = plt.subplots(len(judges), 2, figsize=(10, 3.6 * len(judges)), squeeze=False)
     for s, label in zip(summaries, run_labels(summaries)):
         Ls = sorted(int(L) for L in s["transport"])
         res = [s["transport"][str(L)] for L in Ls]
-        for ax, key, err in zip(axes, ("judge", "nll_per_token"), ("judge_diff_se", "nll_diff_se")):
-            yerr = [r.get(err, 0) for r in res]
-            ax.errorbar(Ls, [r[key] for r in res], yerr=yerr, marker="o", capsize=3, label=label)
-    axes[0].set(xlabel="transport steps L (0 = best-of-N)", ylabel="judge score")
-    axes[0].set_title(f"judge: {summaries[0]['judge']}", fontsize=9)
-    axes[1].set(xlabel="transport steps L (0 = best-of-N)", ylabel="NLL / token under mu")
-    axes[0].legend(fontsize=8)
+        fr = [s["best_of_n"][k] for k in sorted(s.get("best_of_n", {}), key=int)]
+        for row, j in zip(axes, judges):
+            for ax, x in zip(row, ("forwards_per_prompt", "nll_per_token")):
+                if max(Ls) > 0:
+                    ax.plot([r[x] for r in res], [r[j] for r in res], marker="o", label=label)
+                if fr:
+                    ax.plot([r[x] for r in fr], [r[j] for r in fr], "k--s", ms=4, label="best-of-N frontier")
+    for row, j in zip(axes, judges):
+        row[0].set(xscale="log", xlabel="model token-forwards per prompt (backward = 2)", ylabel=f"{j} score")
+        row[1].set(xlabel="NLL / token under mu", ylabel=f"{j} score")
+        row[0].set_title(f"{j}: {summaries[0]['judges'][j]}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(os.path.join(folder, "reward_vs_nll.png"), dpi=80)
+    fig.savefig(os.path.join(folder, "judge_vs_compute.png"), dpi=80)
     plt.close(fig)
 
 
+def matched_compute(folders):
+    """--plot-runs: every L > 0 of every run against the best-of-n of the frontier run (the one with --best-of-n)
+    with the fewest token-forwards per prompt at or above the run's: paired differences over prompts ± their SE."""
+    runs = [(json.load(open(os.path.join(d, "summary.json"))), [json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))])
+            for d in folders]
+    fs, fr = next(((s, r) for s, r in runs if s.get("best_of_n")), (None, None))
+    if fs is None:
+        return
+    cols = list(fs["judges"]) + ["nll"]
+    print(f"{'run':<26}{'L':>3}{'fwd/prompt':>11}{'vs best-of':>11}" + "".join(f"{c + ' diff':>18}" for c in cols))
+    for s, recs in runs:
+        if [r["prompt"] for r in recs] != [r["prompt"] for r in fr]:
+            print(f"warning: {s['run_name']} was not run on the frontier run's prompts; skipped")
+            continue
+        for L, x in ((L, x) for L, x in s["transport"].items() if L != "0"):
+            above = [m for m, y in fs["best_of_n"].items() if y["forwards_per_prompt"] >= x["forwards_per_prompt"]]
+            m = min(above, key=int) if above else max(fs["best_of_n"], key=int)
+            d = [np.array([r["vgf"][L].get(c, np.nan) - f["best_of_n"][m][c] for r, f in zip(recs, fr)]) for c in cols]
+            print(f"{s['run_name']:<26}{L:>3}{x['forwards_per_prompt']:>11.0f}{m:>11}"
+                  + "".join(f"{v.mean():>+10.3f} ± {se(v):.3f}" for v in d))
+
+
 def run_labels(summaries):
-    """One legend label per run: transport, ε (topk takes none) and lm_coef; runs that would share a label get the
-    options that differ between them added (their run names when no option differs)."""
-    base = []
-    for s in summaries:
-        a = s["args"]
-        label = a["transport"] + (f" ε {a['step_size']:g}" if a["transport"] != "topk" else "")
-        base.append(label + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] else ""))
+    """One legend label per run (run_label); runs that would share a label get the options that differ between them
+    added (their run names when no option differs)."""
+    base = [run_label(s["args"]) for s in summaries]
     not_options = {"run_name", "output_dir", "plot_runs", "exp_name", "track", "wandb_project_name", "wandb_entity"}
     labels = []
     for s, label in zip(summaries, base):
@@ -1074,8 +1107,8 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise VGFError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.top_k < (0 if args.transport == "embed" else 1):
-        raise VGFError(f"--top-k must be at least 1 (0 = the whole vocabulary, embed only); got {args.top_k}")
+    if args.top_k < 1:
+        raise VGFError(f"--top-k must be at least 1 (got {args.top_k})")
     if args.rm_max_response_tokens < 2:
         raise VGFError(f"--rm-max-response-tokens must be at least 2 (got {args.rm_max_response_tokens})")
     if args.rm_epochs < 0:
@@ -1098,10 +1131,17 @@ def check_args(args):
     if args.reward_model and not os.path.isfile(os.path.join(args.reward_model, "vgf_reward.json")):
         raise VGFError(f"--reward-model {args.reward_model}: not a reward-model folder of this program "
                        "(no vgf_reward.json)")
-    if args.judge and args.judge != "vader" and not os.path.exists(args.judge) and looks_local(args.judge):
-        raise VGFError(f"--judge {args.judge}: no such folder")
-    if args.judge == "vader" and importlib.util.find_spec("vaderSentiment") is None:
-        raise VGFError("--judge vader needs the vaderSentiment package: `pip install vaderSentiment`")
+    for name, j in (("judge", args.judge), ("judge2", args.judge2)):
+        if j and j not in ("vader", "afinn") and not os.path.exists(j) and looks_local(j):
+            raise VGFError(f"--{name} {j}: no such folder")
+        if j == "vader" and importlib.util.find_spec("vaderSentiment") is None:
+            raise VGFError(f"--{name} vader needs the vaderSentiment package: `pip install vaderSentiment`")
+        if j == "afinn" and importlib.util.find_spec("afinn") is None:
+            raise VGFError(f"--{name} afinn needs the afinn package: `pip install afinn`")
+    if any(not 1 <= b <= args.num_particles for b in args.best_of_n):
+        raise VGFError(f"--best-of-n needs values in 1..--num-particles ({args.num_particles}); got {args.best_of_n}")
+    if args.transport == "mh" and args.temperature != 1:
+        raise VGFError("--transport mh targets mu itself: its proposals sample at temperature 1 (pass --temperature 1)")
     check_output_dir(args)
 
 
@@ -1187,332 +1227,362 @@ def read_summaries(folders):
     return runs
 
 
-def main(args):
-    check_args(args)
-    steps = sorted(set(args.transport_steps))
-
-    # TRY NOT TO MODIFY: data-parallel over prompts under `accelerate launch` (no process management of our own)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
-    if world > 1:
+def setup(args):
+    """Device and process (data-parallel over prompts under `accelerate launch`, no process management of our
+    own), the model's path, seeding and dtype."""
+    ctx = SimpleNamespace(world=int(os.environ.get("WORLD_SIZE", "1")), rank=0)
+    if ctx.world > 1:
         from accelerate import PartialState
-        from accelerate.utils import broadcast_object_list, gather_object
 
         state = PartialState(cpu=not (torch.cuda.is_available() and args.cuda))
-        world, rank, device = state.num_processes, state.process_index, state.device
+        ctx.world, ctx.rank, ctx.device, ctx.state = state.num_processes, state.process_index, state.device, state
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    model_path, gguf_file = resolve_model(args.model, args.gguf_file)
+        ctx.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    ctx.is_main = ctx.rank == 0
+    ctx.model_path, ctx.gguf_file = resolve_model(args.model, args.gguf_file)
     check_dataset(args)
-    run_name = [
-        args.run_name or f"{args.exp_name}__{os.path.basename(model_path.rstrip('/'))}__{args.seed}__{int(time.time())}"
-    ]
-    if world > 1:
-        broadcast_object_list(run_name)
-    run_dir = os.path.join(args.output_dir, run_name[0])
-    is_main = rank == 0
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    bf16 = args.bf16 and device.type == "cuda"
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    ctx.bf16 = args.bf16 and ctx.device.type == "cuda"
+    ctx.dtype = torch.bfloat16 if ctx.bf16 else torch.float32
+    return ctx
 
+
+def load_base_model(args, ctx):
+    """Tokenizer, preference data (its problems surface before the model loads), the base model mu, the stop
+    tokens and the tokens the transport may propose. Returns (train rows, held-out rows)."""
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(model_path, gguf_file)
+    ctx.tok = tok = load_tokenizer(ctx.model_path, ctx.gguf_file)
     check_prompt_room(tok, args)
     train_rows, test_rows = load_preferences(args)  # data problems surface before the model loads
-    lm = from_pretrained(AutoModelForCausalLM, model_path, gguf_file=gguf_file, dtype=dtype).to(device).eval()
-    lm.requires_grad_(False)
-    embed = lm.get_input_embeddings()
+    lm = from_pretrained(AutoModelForCausalLM, ctx.model_path, gguf_file=ctx.gguf_file, dtype=ctx.dtype)
+    ctx.lm = lm.to(ctx.device).eval().requires_grad_(False)
+    ctx.embed = embed = lm.get_input_embeddings()
     # a response ends at the tokenizer's or generation config's EOS or the chat template's end of turn
-    stop_list, end_id = stop_tokens(tok, lm.generation_config, args.chat_template)
-    eos_ids = torch.tensor(stop_list, device=device)
-    allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=device)
-    allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens, nor a stop token
-    allowed[torch.tensor(tok.all_special_ids + stop_list, dtype=torch.long)] = False
-    if args.variable_length:  # the stop token is a position like any other: a response may end earlier or later
-        allowed[end_id] = True
-    base = (model_path, gguf_file, lm.base_model)  # the backbone module, shared by a frozen reward model
+    stop_list, ctx.end_id = stop_tokens(tok, lm.generation_config, args.chat_template)
+    ctx.eos_ids = torch.tensor(stop_list, device=ctx.device)
+    ctx.allowed = torch.zeros(max(embed.weight.shape[0], len(tok)), dtype=torch.bool, device=ctx.device)
+    ctx.allowed[: tok.vocab_size] = True  # transport never proposes special or added tokens, nor a stop token
+    ctx.allowed[torch.tensor(tok.all_special_ids + stop_list, dtype=torch.long)] = False
+    ctx.allowed[ctx.end_id] = True  # the stop token is a position like any other: lengths change
+    ctx.base = (ctx.model_path, ctx.gguf_file, lm.base_model)  # the backbone module, shared by a frozen reward model
+    ctx.spacing = table_spacing(embed.weight.detach(), ctx.allowed) if args.transport == "embed" else None
+    return train_rows, test_rows
 
-    if is_main and args.track:
+
+def open_run_folder(args, ctx):
+    """The run's folder (one name for all processes), its TensorBoard writer and, with --track, wandb."""
+    name = os.path.basename(ctx.model_path.rstrip("/"))
+    run_name = [args.run_name or f"{args.exp_name}__{name}__{args.seed}__{int(time.time())}"]
+    if ctx.world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(run_name)
+    ctx.run_name, ctx.run_dir = run_name[0], os.path.join(args.output_dir, run_name[0])
+    if ctx.is_main and args.track:
         import wandb
 
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name[0],
-            save_code=True,
-        )
-    if is_main and not os.path.exists(run_dir):
-        NEW_RUN_DIRS.append(run_dir)
-    writer = SummaryWriter(run_dir if is_main else os.path.join(run_dir, f"rank{rank}"))
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=ctx.run_name, save_code=True)
+    if ctx.is_main and not os.path.exists(ctx.run_dir):
+        NEW_RUN_DIRS.append(ctx.run_dir)
+    ctx.writer = SummaryWriter(ctx.run_dir if ctx.is_main else os.path.join(ctx.run_dir, f"rank{ctx.rank}"))
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % table)
+    ctx.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % table)
 
-    # ALGO LOGIC: value learning (Bradley-Terry reward model on the base backbone)
+
+# ALGO LOGIC: value learning (Bradley-Terry reward model on the base backbone)
+def value_learning(args, ctx, train_rows, test_rows):
+    """The reward model R: loaded from --reward-model, or trained (by the main process) and saved in the run."""
+    dtype, embed = ctx.dtype, ctx.embed
     if args.reward_model:
-        rm, rm_info = RewardModel.load(args.reward_model, dtype, base)
-        rm, rm_path = rm.to(device), args.reward_model
+        rm, rm_info = RewardModel.load(args.reward_model, dtype, ctx.base)
+        rm, rm_path = rm.to(ctx.device), args.reward_model
     else:
-        rm_path = os.path.join(run_dir, "reward_model")
-        if is_main:
-            rm = build_reward_model(model_path, gguf_file, lm, args, dtype)
-            rm_info = train_reward_model(
-                rm, rm.backbone.get_input_embeddings(), tok, train_rows, test_rows, args, device, writer, end_id, bf16
-            )
+        rm_path = os.path.join(ctx.run_dir, "reward_model")
+        if ctx.is_main:
+            rm = build_reward_model(ctx.model_path, ctx.gguf_file, ctx.lm, args, dtype)
+            rm_info = train_reward_model(rm, rm.backbone.get_input_embeddings(), ctx.tok, train_rows, test_rows, args,
+                                         ctx.device, ctx.writer, ctx.end_id, ctx.bf16)
             rm.backbone.to(dtype)  # a trained float32 backbone runs in the base model's dtype from here on
-            ref = (
-                None
-                if args.rm_train_backbone
-                else {
-                    "path": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
-                    "gguf_file": gguf_file,
-                }
-            )
+            path = os.path.abspath(ctx.model_path) if os.path.exists(ctx.model_path) else ctx.model_path
+            ref = None if args.rm_train_backbone else {"path": path, "gguf_file": ctx.gguf_file}
             info = dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs))
-            rm.save(rm_path, tok, info, ref)
-        if world > 1:
-            state.wait_for_everyone()
-            if not is_main:
-                rm, rm_info = RewardModel.load(rm_path, dtype, base)
-                rm = rm.to(device)
+            rm.save(rm_path, ctx.tok, info, ref)
+        if ctx.world > 1:
+            ctx.state.wait_for_everyone()
+            if not ctx.is_main:
+                rm, rm_info = RewardModel.load(rm_path, dtype, ctx.base)
+                rm = rm.to(ctx.device)
     rm.eval().requires_grad_(False)
     rm_embed = rm.backbone.get_input_embeddings()
     if rm_embed.weight.shape != embed.weight.shape or not torch.equal(rm_embed.weight, embed.weight):
         raise VGFError("the reward model's token embeddings differ from the base model's: train it from --model")
     if "heldout_accuracy" not in rm_info or args.reward_model:
-        rm_info = dict(rm_info, **evaluate_reward_model(rm, embed, tok, test_rows, args, device, end_id))
+        rm_info = dict(rm_info, **evaluate_reward_model(rm, embed, ctx.tok, test_rows, args, ctx.device, ctx.end_id))
     print(f"reward model {rm_path}: held-out pairwise accuracy {rm_info['heldout_accuracy']:.3f}")
-    writer.add_scalar("eval/rm_heldout_accuracy", rm_info["heldout_accuracy"], 0)
-    judge = Judge(args.judge, args, device, dtype, fallback=(tok, rm, end_id), shared=base)
+    ctx.writer.add_scalar("eval/rm_heldout_accuracy", rm_info["heldout_accuracy"], 0)
+    ctx.rm, ctx.rm_info, ctx.rm_path = rm, rm_info, rm_path
+    ctx.judges = [("judge", Judge(args.judge, args, ctx.device, dtype, (ctx.tok, rm, ctx.end_id), ctx.base))]
+    if args.judge2:
+        ctx.judges.append(("judge2", Judge(args.judge2, args, ctx.device, dtype, (ctx.tok, rm, ctx.end_id), ctx.base)))
 
-    # ALGO LOGIC: reference sampler -> transport -> selection, on this process's share of held-out prompts
-    seen, eval_rows = set(), []
+
+def prompt_batches(test_rows, args, ctx):
+    """This process's share of the held-out prompts (distinct prompts, in order), --prompt-batch-size at a time."""
+    seen, rows = set(), []
     for r in test_rows:
         key = json.dumps(r["prompt"])  # conversational prompts are lists of messages
-        if key not in seen and len(eval_rows) < args.num_eval_prompts:
-            seen.add(key), eval_rows.append(r)
-    torch.manual_seed(args.seed + rank)
-    n, T, mb, records, trajectories = args.num_particles, args.max_new_tokens, args.micro_batch_size, [], []
-    spacing = table_spacing(embed.weight.detach(), allowed) if args.transport == "embed" else None
-    for start in range(rank * args.prompt_batch_size, len(eval_rows), world * args.prompt_batch_size):
-        rows = eval_rows[start : start + args.prompt_batch_size]
-        B, t0 = len(rows), time.time()
-        p_ids, p_mask = (
-            x.to(device) for x in pad([prompt_ids(tok, r["prompt"], args) for r in rows], tok.pad_token_id, left=True)
-        )
-        pr_ids, pr_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
-        gen = torch.cat(
-            [
-                sample_responses(lm, pr_ids[i : i + mb], pr_mask[i : i + mb], T, args.temperature, eos_ids)
-                for i in range(0, B * n, mb)
-            ]
-        )
-        ref_ids, r_mask = truncate_at_eos(gen, eos_ids, tok.pad_token_id, end_id)
-        movable = r_mask.bool() & ~torch.isin(ref_ids, eos_ids)  # fixed length: the stop token stays
-        if args.variable_length:  # room to grow up to max_new_tokens (+ the stop token)
-            ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=tok.pad_token_id)
-            r_mask, movable = (F.pad(x, (0, T + 1 - x.shape[1])) for x in (r_mask, movable))
-        sync(device)
-        t_sample = time.time() - t0
-        # the prompts' keys and values, once per prompt batch, for every particle and proposal of the transport
-        rm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask) if args.kv_cache else None
-        lm_cache = prompt_cache(lm, embed, p_ids, p_mask) if args.kv_cache else None
+        if key not in seen and len(rows) < args.num_eval_prompts:
+            seen.add(key), rows.append(r)
+    ctx.num_prompts, size = len(rows), args.prompt_batch_size
+    return [rows[i : i + size] for i in range(ctx.rank * size, len(rows), ctx.world * size)]
 
-        def expand(ids):  # prompts, masks and prompt index of ids holding several proposals per particle
-            prow = torch.arange(len(ids), device=ids.device) // (len(ids) // B)
-            return p_ids[prow], p_mask[prow], through_first_stop(ids, eos_ids).long(), prow
 
-        def reward_fn(ids, emb, grad):
-            e = embed(ids).float() if emb is None else emb
-            pi, pm, rmask, prow = expand(ids)
-            with torch.set_grad_enabled(grad):
-                out = rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad, cache=rm_cache, rows=prow)
-                return synced(device, out)
+def sample_counted(ctx, p_ids, p_mask, num_new, temperature, mb):
+    """sample_responses in micro-batches; also the token-forwards run (the prompts' prefill + one per step)."""
+    out, fwd = [], 0
+    for i in range(0, len(p_ids), mb):
+        gen = sample_responses(ctx.lm, p_ids[i : i + mb], p_mask[i : i + mb], num_new, temperature, ctx.eos_ids)
+        out.append(gen)
+        fwd += int(p_mask[i : i + mb].sum()) + len(gen) * (int(first_eos(gen, ctx.eos_ids).max()) + 1)
+    return torch.cat(out), fwd
 
-        def logprob_fn(ids, emb, top_k, grad):
-            pi, pm, rmask, prow = expand(ids)
-            if not grad:
-                lp, cand, cand_lp = token_logprobs(lm, embed, pi, pm, ids, rmask, allowed, mb, top_k, lm_cache, prow)
-                return synced(device, (lp, cand, cand_lp, None))
-            f = lambda a, b, c, d, e, r: response_logprobs(lm, embed, a, b, c, d, allowed, 0, e, True, lm_cache, r)
-            return synced(device, chunked(f, len(ids), mb, pi, pm, ids, rmask, emb, prow))
 
-        # one flow of max(L) steps, snapshotted at each L; time per L = sampling + scoring + steps up to L
-        trace = [] if args.save_trajectories else None
-        snaps = transport(
-            ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed.weight.detach(), allowed, args,
-            eos_ids=eos_ids if args.variable_length else None, eos_id=end_id, spacing=spacing, trace=trace,
-        )
-        ref = snaps[0]
-        # chosen response of the dataset and plain sample (particle 0) as baselines
-        ch_ids, ch_mask = (
-            x.to(device)
-            for x in pad(
-                [response_ids(tok, r["chosen"], args.rm_max_response_tokens, end_id) for r in rows],
-                tok.pad_token_id,
-                left=False,
-            )
-        )
-        ch_lp = token_logprobs(lm, embed, p_ids, p_mask, ch_ids, ch_mask, allowed, mb)[0].sum(1) / ch_mask.sum(1)
-        content = lambda x, m: x[m.bool() & ~torch.isin(x, eos_ids)]  # a response's tokens without padding and stop
-        text_of = lambda x, m: tok.decode(content(x, m), skip_special_tokens=True)
-        live_ref = torch.where(ref[4].bool(), ref[0], -1)
-        sel = {}
-        for L in steps:
-            best, b_ids, b_R, b_nll, b_mask = select(snaps[L], ref, n, args.nll_filter and L > 0)
-            moved = (torch.where(snaps[L][4].bool(), snaps[L][0], -1) != live_ref).any(1).view(B, n).float().mean(1)
-            sel[L] = dict(best=best, ids=b_ids, R=b_R, nll=b_nll, mask=b_mask, secs=t_sample + snaps[L][3], moved=moved)
-        stage = dict(sampling=t_sample / B, scoring=snaps[0][3] / B)  # seconds per prompt
-        stage["transport_step"] = (snaps[max(steps)][3] - snaps[0][3]) / B / max(steps) if max(steps) else 0.0
-        single = torch.arange(B, device=device) * n
-        sample_nll = (-ref[2] / r_mask.sum(1).clamp(min=1))[single]
-        prompts = [r["prompt"] for r in rows]
-        sample_text = [text_of(ref[0][i], r_mask[i]) for i in single]
-        j_sample, j_chosen = judge(prompts, sample_text), judge(prompts, [r["chosen"] for r in rows])
+# ALGO LOGIC: reference sampler: N responses per prompt from mu
+def reference_sampler(rows, args, ctx):
+    B, n, T, t0 = len(rows), args.num_particles, args.max_new_tokens, time.time()
+    prompts = [prompt_ids(ctx.tok, r["prompt"], args) for r in rows]
+    p_ids, p_mask = (x.to(ctx.device) for x in pad(prompts, ctx.tok.pad_token_id, left=True))
+    pr_ids, pr_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
+    gen, fwd = sample_counted(ctx, pr_ids, pr_mask, T, args.temperature, args.micro_batch_size)
+    ref_ids, r_mask = truncate_at_eos(gen, ctx.eos_ids, ctx.tok.pad_token_id, ctx.end_id)
+    # room to grow up to max_new_tokens (+ the stop token)
+    ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=ctx.tok.pad_token_id)
+    r_mask = F.pad(r_mask, (0, T + 1 - r_mask.shape[1]))
+    sync(ctx.device)
+    return SimpleNamespace(B=B, p_ids=p_ids, p_mask=p_mask, ref_ids=ref_ids, r_mask=r_mask,
+                           t_sample=time.time() - t0, forwards=fwd)
+
+
+def model_fns(batch, args, ctx, tally):
+    """reward_fn, logprob_fn and suffix_fn of the transport on one prompt batch, over the prompts' KV cache; each
+    adds the token-forwards it runs to tally[0] (a backward counts 2; NLL-only passes are evaluation, not counted)."""
+    lm, rm, embed, eos_ids, mb = ctx.lm, ctx.rm, ctx.embed, ctx.eos_ids, args.micro_batch_size
+    p_ids, p_mask, B = batch.p_ids, batch.p_mask, batch.B
+    rm_cache, lm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask), prompt_cache(lm, embed, p_ids, p_mask)
+    tally[0] += int(p_mask.sum()) * (1 + (max(args.transport_steps) > 0))  # the prompts' keys and values, once
+
+    def expand(ids):  # prompts, masks and prompt index of ids holding several proposals per particle
+        prow = torch.arange(len(ids), device=ids.device) // (len(ids) // B)
+        return p_ids[prow], p_mask[prow], through_first_stop(ids, eos_ids).long(), prow
+
+    def reward_fn(ids, emb, grad):
+        e, (pi, pm, rmask, prow) = embed(ids).float() if emb is None else emb, expand(ids)
+        tally[0] += ids.numel() * (3 if grad else 1)
+        with torch.set_grad_enabled(grad):
+            out = rewards(rm, embed, pi, pm, ids, rmask, mb, r_emb=e, grad=grad, cache=rm_cache, rows=prow)
+            return synced(ctx.device, out)
+
+    def logprob_fn(ids, emb, top_k, grad):  # (no transport differentiates log mu)
+        pi, pm, rmask, prow = expand(ids)
+        tally[0] += ids.numel() * (top_k > 0)
+        lp, cand, cand_lp = token_logprobs(lm, embed, pi, pm, ids, rmask, ctx.allowed, mb, top_k, lm_cache, prow)
+        return synced(ctx.device, (lp, cand, cand_lp, None))
+
+    def suffix_fn(ids, t, v):  # y'_<t = y_<t, y'_t = v, y'_>t ~ mu(. | x, y_<t, v) to a stop token or the budget
+        W, (pi, pm, _, _) = ids.shape[1], expand(ids)
+        heads = [ids[i, : t[i]].tolist() + [int(v[i])] for i in range(len(ids))]
+        ctx_ids, ctx_mask = pad([p[m.bool()].tolist() + h for p, m, h in zip(pi, pm, heads)], ctx.tok.pad_token_id, True)
+        num_new = W - 2 - int(t.min())
+        gen, fwd = sample_counted(ctx, ctx_ids.to(ids.device), ctx_mask.to(ids.device), max(num_new, 1), 1.0, mb)
+        tally[0] += fwd
+        full = torch.tensor([h + gen[i, : W - 1 - len(h)].tolist() for i, h in enumerate(heads)], device=ids.device)
+        new, mask = truncate_at_eos(full, eos_ids, ctx.tok.pad_token_id, ctx.end_id)  # the budget forces a stop
+        return F.pad(new, (0, W - new.shape[1]), value=ctx.tok.pad_token_id), mask.sum(1) - 1
+
+    return reward_fn, logprob_fn, suffix_fn
+
+
+def run_transport(batch, steps, args, ctx):
+    """One transport of max(L) steps on a prompt batch, snapshotted at each L (time: sampling + steps up to L)."""
+    tally, trace = [batch.forwards], [] if args.save_trajectories else None
+    reward_fn, logprob_fn, suffix_fn = model_fns(batch, args, ctx, tally)
+    snaps = transport(batch.ref_ids, batch.r_mask, None, args.num_particles, steps, reward_fn, logprob_fn,
+                      ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids, eos_id=ctx.end_id,
+                      spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
+    return snaps, trace
+
+
+# Evaluation: judges, NLL, compute and the KL estimate per prompt; aggregated with paired standard errors
+def evaluate_batch(rows, batch, snaps, steps, args, ctx):
+    """Per prompt: the plain sample (particle 0), the dataset's chosen response, and at every L the particle with
+    the highest R (VGF's selection; L = 0 is best-of-N) and one chosen uniformly (a draw of the chains, for the KL
+    estimate E[R]/α − log Z with log Z = log mean exp(R/α) over mu's N samples); --best-of-n prefixes."""
+    tok, B, n, eos, ref = ctx.tok, batch.B, args.num_particles, ctx.eos_ids, snaps[0]
+    chosen = [response_ids(tok, r["chosen"], args.rm_max_response_tokens, ctx.end_id) for r in rows]
+    ch_ids, ch_mask = (x.to(ctx.device) for x in pad(chosen, tok.pad_token_id, left=False))
+    ch_lp = token_logprobs(ctx.lm, ctx.embed, batch.p_ids, batch.p_mask, ch_ids, ch_mask, ctx.allowed,
+                           args.micro_batch_size)[0].sum(1) / ch_mask.sum(1)
+    text_of = lambda x, m: tok.decode(x[m.bool() & ~torch.isin(x, eos)], skip_special_tokens=True)
+    prompts, single = [r["prompt"] for r in rows], torch.arange(B, device=ctx.device) * n
+    judged = lambda texts: {name: judge(prompts, texts) for name, judge in ctx.judges}
+    nll_of = lambda snap, i: (-snap[2][i] / snap[4][i].sum()).item()
+    recs = [dict(prompt=r["prompt"], chosen=r["chosen"], sample=text_of(ref[0][i], ref[4][i]), nll_sample=nll_of(ref, i),
+                 nll_chosen=-ch_lp[b].item(), vgf={}, best_of_n={}) for b, (r, i) in enumerate(zip(rows, single))]
+    for key, texts in (("sample", [r["sample"] for r in recs]), ("chosen", [r["chosen"] for r in rows])):
+        for name, scores in judged(texts).items():
+            for rec, x in zip(recs, scores):
+                rec[f"{name}_{key}"] = x
+    log_z = (ref[1].view(B, n) / args.alpha).logsumexp(1) - math.log(n)
+    uniform = torch.randint(n, (B,), generator=ctx.draws).to(ctx.device) + single
+    live_ref = torch.where(ref[4].bool(), ref[0], -1)
+    for L in steps:
+        snap = snaps[L]
+        best, ids, R, nll, mask = select(snap, n)
+        moved = (torch.where(snap[4].bool(), snap[0], -1) != live_ref).any(1).view(B, n).float().mean(1)
+        texts = [text_of(x, m) for x, m in zip(ids, mask)]
+        scores = judged(texts)
         for b in range(B):
-            records.append(
-                dict(
-                    prompt=rows[b]["prompt"],
-                    chosen=rows[b]["chosen"],
-                    sample=sample_text[b],
-                    judge_sample=j_sample[b],
-                    judge_chosen=j_chosen[b],
-                    nll_sample=sample_nll[b].item(),
-                    nll_chosen=-ch_lp[b].item(),
-                    seconds_by_stage=stage,
-                    vgf={},
-                )
-            )
-        for L in steps:
-            s = sel[L]
-            out_text = [text_of(x, m) for x, m in zip(s["ids"], s["mask"])]
-            j = judge(prompts, out_text)
-            for b in range(B):
-                k = s["best"][b]
-                before, after = content(ref[0][k], ref[4][k]).tolist(), content(s["ids"][b], s["mask"][b]).tolist()
-                ed = edit_distance(before, after)
-                records[-B + b]["vgf"][str(L)] = dict(
-                    text=out_text[b],
-                    judge=j[b],
-                    reward=s["R"][b].item(),
-                    nll=s["nll"][b].item(),
-                    edit_distance=ed,
-                    changed=ed / max(1, len(before)),
-                    length=len(after),
-                    particles_moved=s["moved"][b].item(),
-                    seconds=s["secs"] / B,
-                )
-        if trace is not None:  # every particle after every step: text, R, NLL/token
-            for b in range(B):
-                parts = []
-                for i in range(b * n, (b + 1) * n):
-                    parts.append(
-                        [
-                            dict(step=t, text=text_of(x[i], m[i]), reward=r[i].item(), nll=(-l[i] / m[i].sum()).item())
-                            for t, (x, r, l, _, m) in enumerate(trace)
-                        ]
-                    )
-                trajectories.append(dict(prompt=rows[b]["prompt"], transport=args.transport, particles=parts))
-        print(
-            f"prompts {start + B}/{len(eval_rows)} (rank {rank}): "
-            + ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-B:]]):.3f}" for L in steps)
-            + f"; transport {stage['transport_step']:.2f} s/step/prompt"
-        )
+            before = ref[0][best[b]][ref[4][best[b]].bool() & ~torch.isin(ref[0][best[b]], eos)].tolist()
+            after = ids[b][mask[b].bool() & ~torch.isin(ids[b], eos)].tolist()
+            ed = edit_distance(before, after)
+            recs[b]["vgf"][str(L)] = dict(
+                text=texts[b], reward=R[b].item(), nll=nll[b].item(), edit_distance=ed,
+                changed=ed / max(1, len(before)), length=len(after), particles_moved=moved[b].item(),
+                seconds=(batch.t_sample + snap[3]) / B, forwards=snap[5]["forwards"] / B,
+                uniform_reward=snap[1][uniform[b]].item(), kl_estimate=(snap[1][uniform[b]] / args.alpha - log_z[b]).item(),
+                **{name: x[b] for name, x in scores.items()})
+    for m in args.best_of_n:  # the first m samples: the frontier of one draw (compute: sampling and scoring m/N)
+        best = ref[1].view(B, n)[:, :m].argmax(1) + single
+        scores = judged([text_of(ref[0][i], ref[4][i]) for i in best])
+        for b, i in enumerate(best):
+            recs[b]["best_of_n"][str(m)] = dict(
+                reward=ref[1][i].item(), nll=nll_of(ref, i), seconds=(batch.t_sample + ref[3]) / B * m / n,
+                forwards=ref[5]["forwards"] / B * m / n, **{name: x[b] for name, x in scores.items()})
+    stage = dict(sampling=batch.t_sample / B, scoring=ref[3] / B)  # seconds per prompt
+    stage["transport_step"] = (snaps[max(steps)][3] - ref[3]) / B / max(steps) if max(steps) else 0.0
+    return [dict(r, seconds_by_stage=stage) for r in recs]
 
-    # Evaluation: gather, aggregate per L, print the table, write summary.json, samples.jsonl and the plot
-    if world > 1:
+
+def trajectory_rows(rows, trace, args, ctx):
+    """Every particle after every step: text, R, NLL/token (--save-trajectories)."""
+    out, n, eos = [], args.num_particles, ctx.eos_ids
+    text_of = lambda x, m: ctx.tok.decode(x[m.bool() & ~torch.isin(x, eos)], skip_special_tokens=True)
+    for b, row in enumerate(rows):
+        parts = [[dict(step=t, text=text_of(s[0][i], s[4][i]), reward=s[1][i].item(), nll=(-s[2][i] / s[4][i].sum()).item())
+                  for t, s in enumerate(trace)] for i in range(b * n, (b + 1) * n)]
+        out.append(dict(prompt=row["prompt"], transport=args.transport, particles=parts))
+    return out
+
+
+def se(x):
+    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def compare(entries, bon, judges):
+    """Means of entries (one dict per prompt) and, per judge and for NLL, the paired difference to best-of-N."""
+    names = dict(nll="nll_per_token", changed="tokens_changed", seconds="seconds_per_prompt", forwards="forwards_per_prompt")
+    out = {names.get(k, k): float(np.mean([e[k] for e in entries])) for k in entries[0] if k != "text"}
+    for j in judges + ["nll"]:
+        x, diff = np.array([e[j] for e in entries]), np.array([e[j] for e in entries]) - np.array([e[j] for e in bon])
+        out.update({f"{j}_se": se(x), f"{j}_diff_vs_best_of_n": float(diff.mean()), f"{j}_diff_se": se(diff),
+                    f"{j}_better_worse_vs_best_of_n": [int((diff > 0).sum()), int((diff < 0).sum())]})
+    return out
+
+
+def summarise(records, steps, args, ctx):
+    judges = [name for name, _ in ctx.judges]
+    bon = [r["vgf"]["0"] for r in records]
+    results = {}
+    for L in steps:
+        v = [r["vgf"][str(L)] for r in records]
+        res = compare(v, bon, judges)
+        res["kl_estimate_se"] = se([x["kl_estimate"] for x in v])
+        res["win_rate_vs_best_of_n"] = win_rate([x["judge"] for x in v], [x["judge"] for x in bon])
+        res["win_rate_vs_sample"] = win_rate([x["judge"] for x in v], [r["judge_sample"] for r in records])
+        res["win_rate_vs_chosen"] = win_rate([x["judge"] for x in v], [r["judge_chosen"] for r in records])
+        results[str(L)] = res
+        for k, val in res.items():
+            if not isinstance(val, list):
+                ctx.writer.add_scalar(f"eval/{k}", val, L)
+    frontier = {}
+    for m in args.best_of_n:
+        res = compare([r["best_of_n"][str(m)] for r in records], bon, judges)
+        frontier[str(m)] = dict(res, kl_bound=math.log(m) - (m - 1) / m)  # KL(best-of-m || mu) <= log m - (m-1)/m
+    plain = lambda key: dict(**{j: float(np.mean([r[f"{j}_{key}"] for r in records])) for j in judges},
+                             **{f"{j}_se": se([r[f"{j}_{key}"] for r in records]) for j in judges},
+                             nll_per_token=float(np.mean([r[f"nll_{key}"] for r in records])))
+    stages = {k: float(np.mean([r["seconds_by_stage"][k] for r in records])) for k in records[0]["seconds_by_stage"]}
+    return dict(run_name=ctx.run_name, judge=ctx.judges[0][1].name, judges={n: j.name for n, j in ctx.judges},
+                num_prompts=len(records), reward_model=dict(ctx.rm_info, path=ctx.rm_path), sample=plain("sample"),
+                chosen=plain("chosen"), seconds_per_prompt_by_stage=stages, transport=results, best_of_n=frontier,
+                args=asdict(args))
+
+
+def report(summary, records, trajectories, steps, args, ctx):
+    """Prints the table and writes summary.json, samples.jsonl, trajectories.jsonl and judge_vs_compute.png."""
+    js = list(summary["judges"])
+    print(f"\njudges: {summary['judges']}; {len(records)} prompts, N={args.num_particles}, transport={args.transport}")
+    print(f"{'method':<14}" + "".join(f"{j:>14}{'diff vs BoN':>16}" for j in js)
+          + f"{'NLL/tok':>9}{'KL est':>8}{'changed':>9}{'length':>8}{'s/prompt':>10}{'fwd/prompt':>11}")
+    rows = [(k, summary[k]) for k in ("sample", "chosen")] + [
+        (f"best-of-{m}", x) for m, x in summary["best_of_n"].items()] + [
+        ("best-of-N" if L == 0 else f"VGF L={L}", summary["transport"][str(L)]) for L in steps]
+    for label, x in rows:
+        line = f"{label:<14}" + "".join(f"{x[j]:>8.3f}±{x[f'{j}_se']:.3f}" + (
+            f"{x[f'{j}_diff_vs_best_of_n']:>+10.3f}±{x[f'{j}_diff_se']:.3f}" if f"{j}_diff_se" in x else " " * 16)
+            for j in js)
+        line += f"{x['nll_per_token']:>9.2f}"
+        if "forwards_per_prompt" in x:
+            kl = x.get("kl_estimate", x.get("kl_bound"))
+            line += (f"{kl:>8.2f}{x.get('tokens_changed', 0):>9.2f}{x.get('length', 0):>8.1f}"
+                     f"{x['seconds_per_prompt']:>10.2f}{x['forwards_per_prompt']:>11.0f}")
+        print(line)
+    print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["seconds_per_prompt_by_stage"].items()))
+    os.makedirs(ctx.run_dir, exist_ok=True)
+    with open(os.path.join(ctx.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    for name, lines in (("samples", records), ("trajectories", trajectories if args.save_trajectories else None)):
+        if lines is not None:
+            with open(os.path.join(ctx.run_dir, f"{name}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in lines)
+    plot_runs([summary], ctx.run_dir)
+    print(f"wrote {ctx.run_dir}/summary.json, samples.jsonl and judge_vs_compute.png")
+
+
+def main(args):
+    check_args(args)
+    steps = sorted(set(args.transport_steps))
+    ctx = setup(args)
+    train_rows, test_rows = load_base_model(args, ctx)
+    open_run_folder(args, ctx)
+    value_learning(args, ctx, train_rows, test_rows)
+    records, trajectories = [], []
+    torch.manual_seed(args.seed + ctx.rank)
+    ctx.draws = torch.Generator().manual_seed(args.seed + ctx.rank)  # the uniformly chosen particle per prompt
+    batches = prompt_batches(test_rows, args, ctx)
+    for k, rows in enumerate(batches):
+        batch = reference_sampler(rows, args, ctx)  # reference sampler mu: N responses per prompt
+        snaps, trace = run_transport(batch, steps, args, ctx)  # transport: the particles, L = 0..max(L)
+        records += evaluate_batch(rows, batch, snaps, steps, args, ctx)  # evaluation of each L
+        if trace is not None:
+            trajectories += trajectory_rows(rows, trace, args, ctx)
+        means = ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-len(rows):]]):.3f}"
+                          for L in steps)
+        print(f"prompt batch {k + 1}/{len(batches)} (rank {ctx.rank}): {means}")
+    if ctx.world > 1:
+        from accelerate.utils import gather_object
+
         records, trajectories = gather_object(records), gather_object(trajectories)
-    if is_main:
-        judge_of = lambda L: np.array([r["vgf"][str(L)]["judge"] for r in records])
-        nll_of = lambda L: np.array([r["vgf"][str(L)]["nll"] for r in records])
-        bon = judge_of(0)
-        se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-        results = {}
-        for L in steps:
-            v = [r["vgf"][str(L)] for r in records]
-            diff, nll_diff = judge_of(L) - bon, nll_of(L) - nll_of(0)  # paired over prompts
-            results[str(L)] = dict(
-                judge=float(np.mean(judge_of(L))),
-                judge_se=se(judge_of(L)),
-                judge_diff_vs_best_of_n=float(np.mean(diff)),
-                judge_diff_se=se(diff),
-                better_worse_vs_best_of_n=[int((diff > 0).sum()), int((diff < 0).sum())],
-                reward=float(np.mean([x["reward"] for x in v])),
-                nll_per_token=float(np.mean(nll_of(L))),
-                nll_diff_vs_best_of_n=float(np.mean(nll_diff)),
-                nll_diff_se=se(nll_diff),
-                win_rate_vs_best_of_n=win_rate(judge_of(L), bon),
-                win_rate_vs_sample=win_rate(judge_of(L), [r["judge_sample"] for r in records]),
-                win_rate_vs_chosen=win_rate(judge_of(L), [r["judge_chosen"] for r in records]),
-                edit_distance=float(np.mean([x["edit_distance"] for x in v])),
-                tokens_changed=float(np.mean([x["changed"] for x in v])),
-                length=float(np.mean([x["length"] for x in v])),
-                particles_moved=float(np.mean([x["particles_moved"] for x in v])),
-                seconds_per_prompt=float(np.mean([x["seconds"] for x in v])),
-            )
-            for k, val in results[str(L)].items():
-                if not isinstance(val, list):
-                    writer.add_scalar(f"eval/{k}", val, L)
-        summary = dict(
-            run_name=run_name[0],
-            judge=judge.name,
-            num_prompts=len(records),
-            reward_model=dict(rm_info, path=rm_path),
-            sample=dict(
-                judge=float(np.mean([r["judge_sample"] for r in records])),
-                judge_se=se([r["judge_sample"] for r in records]),
-                nll_per_token=float(np.mean([r["nll_sample"] for r in records])),
-            ),
-            chosen=dict(
-                judge=float(np.mean([r["judge_chosen"] for r in records])),
-                judge_se=se([r["judge_chosen"] for r in records]),
-                nll_per_token=float(np.mean([r["nll_chosen"] for r in records])),
-            ),
-            seconds_per_prompt_by_stage={
-                k: float(np.mean([r["seconds_by_stage"][k] for r in records]))
-                for k in ("sampling", "scoring", "transport_step")
-            },
-            transport=results,
-            args=asdict(args),
-        )
-        print(f"\njudge: {judge.name}; {len(records)} prompts, N={n}, transport={args.transport}")
-        print(
-            f"{'method':<14}{'judge':>14}{'diff vs BoN':>16}{'NLL/tok':>9}{'win/BoN':>9}{'win/samp':>9}"
-            f"{'changed':>9}{'length':>8}{'s/prompt':>10}"
-        )
-        for name in ("sample", "chosen"):
-            print(f"{name:<14}{summary[name]['judge']:>8.3f}±{summary[name]['judge_se']:.3f}{'':>16}"
-                  f"{summary[name]['nll_per_token']:>9.2f}")
-        for L in steps:
-            x = results[str(L)]
-            label = "best-of-N" if L == 0 else f"VGF L={L}"
-            print(
-                f"{label:<14}{x['judge']:>8.3f}±{x['judge_se']:.3f}"
-                f"{x['judge_diff_vs_best_of_n']:>+10.3f}±{x['judge_diff_se']:.3f}{x['nll_per_token']:>9.2f}"
-                f"{x['win_rate_vs_best_of_n']:>9.2f}{x['win_rate_vs_sample']:>9.2f}{x['tokens_changed']:>9.2f}"
-                f"{x['length']:>8.1f}{x['seconds_per_prompt']:>10.2f}"
-            )
-        stages = summary["seconds_per_prompt_by_stage"]
-        print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(run_dir, "samples.jsonl"), "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        if args.save_trajectories:
-            with open(os.path.join(run_dir, "trajectories.jsonl"), "w") as f:
-                for r in trajectories:
-                    f.write(json.dumps(r) + "\n")
-        plot_reward_vs_nll([summary], run_dir)
-        print(f"wrote {run_dir}/summary.json, samples.jsonl and reward_vs_nll.png")
-    writer.close()
-    return run_dir
+    if ctx.is_main:
+        report(summarise(records, steps, args, ctx), records, trajectories, steps, args, ctx)
+    ctx.writer.close()
+    return ctx.run_dir
 
 
 if __name__ == "__main__":
@@ -1521,9 +1591,10 @@ if __name__ == "__main__":
         if args.plot_runs:  # only the comparison plot of finished runs
             runs = read_summaries(args.plot_runs)
             check_output_dir(args)
-            plot_reward_vs_nll(runs, args.output_dir)
-            print(f"wrote {os.path.join(args.output_dir, 'reward_vs_nll.png')}: " + "; ".join(
+            plot_runs(runs, args.output_dir)
+            print(f"wrote {os.path.join(args.output_dir, 'judge_vs_compute.png')}: " + "; ".join(
                 f"{d} as '{label}'" for d, label in zip(args.plot_runs, run_labels(runs))))
+            matched_compute(args.plot_runs)
         else:
             main(args)
     except VGFError as e:

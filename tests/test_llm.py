@@ -133,7 +133,8 @@ def check_outputs(run_dir):
 
 def test_end_to_end_cli(tiny_setup):
     """Trains a reward model, samples, transports and evaluates through the real entry point; then reuses the
-    reward model with the soft-token transport and the saved reward model as judge."""
+    reward model with the Metropolis-Hastings transport, the saved reward model as judge, AFINN as second judge
+    and the best-of-N frontier."""
     out = run_cli(tiny_setup, "--run-name", "train", "--rm-epochs", "2", "--rm-lr", "1e-3", "--rm-pooling", "mean")
     assert out.returncode == 0, out.stderr[-3000:]
     check_outputs(tiny_setup / "runs" / "train")
@@ -148,26 +149,39 @@ def test_end_to_end_cli(tiny_setup):
         "--judge",
         str(rm_dir),
         "--transport",
-        "soft",
-        "--step-size",
-        "0.5",
+        "mh",
+        "--top-k",
+        "4",
+        "--judge2",
+        "afinn",
+        "--best-of-n",
+        "1",
+        "2",
         "--save-trajectories",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = check_outputs(tiny_setup / "runs" / "reuse")
-    assert summary["judge"] == str(rm_dir)
+    assert summary["judge"] == str(rm_dir) and summary["judges"]["judge2"] == "afinn"
+    for L in STEPS:  # compute grows with L; the KL estimate and the second judge are reported
+        res = summary["transport"][str(L)]
+        assert all(math.isfinite(res[k]) for k in ("judge2", "judge2_diff_se", "kl_estimate", "forwards_per_prompt"))
+    fwd = [summary["transport"][str(L)]["forwards_per_prompt"] for L in STEPS]
+    assert all(a < b for a, b in zip(fwd, fwd[1:])), fwd
+    front = summary["best_of_n"]
+    assert set(front) == {"1", "2"} and front["1"]["kl_bound"] == 0 and front["1"]["forwards_per_prompt"] < fwd[0]
     # every particle's trajectory: N particles x (max L + 1) steps of text, R and NLL per prompt
     rows = [json.loads(x) for x in open(tiny_setup / "runs" / "reuse" / "trajectories.jsonl")]
     assert len(rows) == 3 and all(len(r["particles"]) == 3 for r in rows)
     assert all(len(p) == max(STEPS) + 1 and all(math.isfinite(s["reward"] + s["nll"]) for s in p)
                for r in rows for p in r["particles"])
-    assert (tiny_setup / "runs" / "reuse" / "reward_vs_nll.png").stat().st_size > 1000
+    assert (tiny_setup / "runs" / "reuse" / "judge_vs_compute.png").stat().st_size > 1000
     runs = [str(tiny_setup / "runs" / name) for name in ("train", "reuse")]
     out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--plot-runs", *runs, "--output-dir",
                           str(tiny_setup / "plot")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and (tiny_setup / "plot" / "reward_vs_nll.png").is_file(), out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == (f"wrote {tiny_setup / 'plot' / 'reward_vs_nll.png'}: {runs[0]} as "
-                                                   f"'embed ε 1'; {runs[1]} as 'soft ε 0.5'")
+    assert out.returncode == 0 and (tiny_setup / "plot" / "judge_vs_compute.png").is_file(), out.stderr[-2000:]
+    wrote = next(line for line in out.stdout.splitlines() if line.startswith("wrote "))
+    assert wrote.startswith(f"wrote {tiny_setup / 'plot' / 'judge_vs_compute.png'}: {runs[0]} as 'embed ε")
+    assert wrote.endswith(f"{runs[1]} as 'mh τ 5 κ 5'")
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -211,8 +225,7 @@ def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
 
 
 def toy_args(**kw):
-    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5,
-                project_every_step=False)
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5)
     base.update(kw)
     return vgf_llm.Args(**base)
 
@@ -220,12 +233,12 @@ def toy_args(**kw):
 def test_zero_steps_is_best_of_n():
     table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
     allowed = torch.ones(len(table), dtype=torch.bool)
-    for mode in ("topk", "embed", "soft"):
+    for mode in ("topk", "embed"):
         snaps = vgf_llm.transport(
             ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
         )
         assert torch.equal(snaps[0][0], ids)
-        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], snaps[0], N, nll_filter=False)
+        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], N)
         r = reward_fn(ids, None, False).view(B, N)
         assert torch.equal(out_ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
         assert torch.allclose(out_r, r.max(1).values)
@@ -610,13 +623,15 @@ def test_pairs_without_a_preference_are_left_out(tmp_path, capsys):
 
 def summary_of(run_name, judge=0.5, **args):
     a = dict(dataclasses.asdict(vgf_llm.Args()), **args)
-    return dict(run_name=run_name, judge="transport reward model (not independent)", args=a,
-                transport={str(L): dict(judge=judge + 0.1 * L, nll_per_token=2.0 + 0.05 * L, judge_diff_se=0.02,
-                                        nll_diff_se=0.01) for L in (0, 1, 2, 4, 8)})
+    point = lambda L, n=8: dict(judge=judge + 0.1 * L, judge2=2 * judge + 0.1 * L, nll_per_token=2.0 + 0.05 * L,
+                                forwards_per_prompt=100.0 * (1 + L) * n / 8)
+    return dict(run_name=run_name, judges=dict(judge="transport reward model (not independent)", judge2="afinn"),
+                args=a, transport={str(L): point(L) for L in (0, 1, 2, 4, 8)},
+                best_of_n={str(n): point(0, n) for n in (1, 2, 4, 8)})
 
 
 def test_plot_runs_labels_and_the_left_label_fits(tmp_path, monkeypatch):
-    assert vgf_llm.run_labels([summary_of("a"), summary_of("b", transport="soft")]) == ["embed ε 1", "soft ε 1"]
+    assert vgf_llm.run_labels([summary_of("a"), summary_of("b", transport="mh")]) == ["embed ε 1", "mh τ 5 κ 5"]
     labels = vgf_llm.run_labels([summary_of("a", seed=1), summary_of("b", seed=2), summary_of("c", seed=2)])
     assert labels == ["embed ε 1, seed 1", "embed ε 1, seed 2, b", "embed ε 1, seed 2, c"]
     assert vgf_llm.run_labels([summary_of("a"), summary_of("b")]) == ["embed ε 1, a", "embed ε 1, b"]
@@ -630,8 +645,10 @@ def test_plot_runs_labels_and_the_left_label_fits(tmp_path, monkeypatch):
             boxes.extend((t.get_text(), t.get_window_extent(), fig.bbox) for t in (ax.yaxis.label, ax.title))
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save_and_measure)
-    vgf_llm.plot_reward_vs_nll([summary_of("a"), summary_of("b", transport="soft")], str(tmp_path))
+    vgf_llm.plot_runs([summary_of("a"), summary_of("b", transport="mh")], str(tmp_path))
+    assert (tmp_path / "judge_vs_compute.png").is_file()
     assert [b[0] for b in boxes][:2] == ["judge score", "judge: transport reward model (not independent)"]
+    assert "judge2: afinn" in [b[0] for b in boxes]
     for text, box, page in boxes:
         assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= page.x1 and box.y1 <= page.y1, text
 

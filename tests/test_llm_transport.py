@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 import vgf_llm  # noqa: E402
 
 VOCAB, EOS, TARGET = 40, 1, 7
-MODES = [("soft", {}), ("soft", {"straight_through": False}), ("embed", {}), ("topk", {})]
+MODES = [("embed", {}), ("topk", {})]
 
 
 def tiny_lm():
@@ -64,12 +64,9 @@ def closures(s, per_token):
     def logprob_fn(ids, emb, top_k, grad):
         prow = torch.arange(len(ids)) // (len(ids) // s["B"])
         pi, pm, m = s["p_ids"][prow], s["p_mask"][prow], live_mask(ids)
-        if not grad:
-            lp, cand, cand_lp = vgf_llm.token_logprobs(s["lm"], s["embed"], pi, pm, ids, m, s["allowed"], 64, top_k,
-                                                       s["cache"], prow)
-            return lp, cand, cand_lp, None
-        return vgf_llm.response_logprobs(s["lm"], s["embed"], pi, pm, ids, m, s["allowed"], 0, emb, True, s["cache"],
-                                         prow)
+        lp, cand, cand_lp = vgf_llm.token_logprobs(s["lm"], s["embed"], pi, pm, ids, m, s["allowed"], 64, top_k,
+                                                   s["cache"], prow)
+        return lp, cand, cand_lp, None
 
     return reward_fn, logprob_fn
 
@@ -81,8 +78,8 @@ def wants(token, s, scale=1.0):
 
 
 def args_for(mode, **kw):
-    base = dict(transport=mode, top_k=10, alpha=0.1, lm_coef=0.0, num_proposals=4, soft_margin=1.0,
-                step_size={"soft": 0.5, "embed": 1.0, "topk": 0.5}[mode])
+    base = dict(transport=mode, top_k=10, alpha=0.1, lm_coef=0.0, num_proposals=4,
+                step_size=0.25)
     return vgf_llm.Args(**{**base, **kw})
 
 
@@ -109,7 +106,7 @@ def test_zero_steps_is_best_of_n_exactly(setup, mode, extra):
     trace = []
     snaps = run(setup, args_for(mode, **extra), wants(TARGET, setup), [0, 3], trace=trace)
     assert torch.equal(snaps[0][0], setup["ref_ids"]) and torch.equal(snaps[0][4], setup["r_mask"])
-    best, ids, R, nll, mask = vgf_llm.select(snaps[0], snaps[0], setup["n"], nll_filter=True)
+    best, ids, R, nll, mask = vgf_llm.select(snaps[0], setup["n"])
     r = snaps[0][1].view(setup["B"], setup["n"])
     assert torch.equal(ids, setup["ref_ids"].view(setup["B"], setup["n"], -1)[torch.arange(setup["B"]), r.argmax(1)])
     assert torch.equal(R, r.max(1).values)
@@ -119,8 +116,8 @@ def test_zero_steps_is_best_of_n_exactly(setup, mode, extra):
 @pytest.mark.parametrize("mode,extra", MODES)
 def test_lengths_change_through_the_stop_token(setup, mode, extra):
     """A reward that wants the stop token shortens responses in every mode; one that wants more of a token makes
-    them grow (embed, topk: one token per step) or at least never longer than the reference (soft)."""
-    args = args_for(mode, top_k=VOCAB - 1, **extra)
+    them grow by one token per step at most."""
+    args = args_for(mode, top_k=VOCAB - 1, **extra, step_size=1.0)
     ref_len = setup["r_mask"].sum(1)
     short = run(setup, args, wants(EOS, setup), [0, 4])
     assert (short[4][4].sum(1) <= ref_len).all() and short[4][4].sum(1).float().mean() < ref_len.float().mean()
@@ -128,14 +125,11 @@ def test_lengths_change_through_the_stop_token(setup, mode, extra):
     ids, mask = short[4][0], short[4][4].bool()
     assert ((ids == EOS) & mask).sum(1).eq(1).all() and (ids[torch.arange(len(ids)), mask.sum(1) - 1] == EOS).all()
     grow = run(setup, args, wants(TARGET, setup, scale=4.0), [0, 2])
-    if mode == "soft":
-        assert (grow[2][4].sum(1) <= ref_len).all()
-    else:
-        assert grow[2][4].sum(1).float().mean() > ref_len.float().mean(), mode
-        assert (grow[2][4].sum(1) <= ref_len + 2).all() and (grow[2][0][grow[2][4].bool()] == EOS).sum() == len(ids)
+    assert grow[2][4].sum(1).float().mean() > ref_len.float().mean(), mode
+    assert (grow[2][4].sum(1) <= ref_len + 2).all() and (grow[2][0][grow[2][4].bool()] == EOS).sum() == len(ids)
 
 
-@pytest.mark.parametrize("mode", ["soft", "embed"])
+@pytest.mark.parametrize("mode", ["embed"])
 def test_kernel_repulsion_keeps_particles_apart(setup, mode, monkeypatch):
     """One optimum (every position wants the same token): without the kernel's repulsion the particles of a prompt
     collapse onto fewer texts than with it."""
@@ -143,8 +137,7 @@ def test_kernel_repulsion_keeps_particles_apart(setup, mode, monkeypatch):
         ids = snap[0].view(setup["B"], setup["n"], -1)
         return sum(len({tuple(x.tolist()) for x in p}) for p in ids)
 
-    args = args_for(mode, alpha=1.0 if mode == "soft" else 10.0, step_size=0.5 if mode == "soft" else 1.0,
-                    top_k=VOCAB - 1)
+    args = args_for(mode, alpha=10.0, step_size=1.0, top_k=VOCAB - 1)
     with_rep = distinct(run(setup, args, wants(TARGET, setup), [8], variable_length=False, full=True)[8])
     plain = vgf_llm.svgd_direction
     monkeypatch.setattr(vgf_llm, "svgd_direction", lambda x, score: plain(x, score) - plain(x, torch.zeros_like(score)))
@@ -174,9 +167,9 @@ def test_kv_cached_reward_and_logprobs_equal_uncached(setup, pooling):
         assert torch.allclose(plain[0], cached[0], atol=1e-5) and torch.allclose(plain[1], cached[1], atol=1e-5)
     assert all(torch.equal(k, k2) and torch.equal(v, v2) for (k, v), (k2, v2) in zip(rm_cache["kv"], kept))
     lm, embed = setup["lm"], setup["embed"]
-    args = (lm, embed, p_ids[prow], p_mask[prow], r_ids, r_mask, setup["allowed"], 6, e)
-    a = vgf_llm.response_logprobs(*args, grad=True)
-    b = vgf_llm.response_logprobs(*args, grad=True, cache=setup["cache"], rows=prow)
+    args = (lm, embed, p_ids[prow], p_mask[prow], r_ids, r_mask, setup["allowed"], 6)
+    a = vgf_llm.response_logprobs(*args)
+    b = vgf_llm.response_logprobs(*args, cache=setup["cache"], rows=prow)
     assert torch.equal(a[1], b[1])  # the same top-k candidates
-    for x, y in ((a[0], b[0]), (a[2], b[2]), (a[3], b[3])):
+    for x, y in ((a[0], b[0]), (a[2], b[2])):
         assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
