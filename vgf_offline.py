@@ -1025,10 +1025,9 @@ def global_norm_scale(grads: List[torch.Tensor], max_norm: float) -> torch.Tenso
 def transported_particles(flow, critic, score_net, obs, steps: int, args: Args, generator=None, acting=True,
                           noise=None):
     """N particles per state from mu, moved `steps` steps by VGF on the online critic (or by the amortised score
-    network, whose update norm is clipped per state when acting); returns (obs repeated N times, particles).
-    Row b * N + i of obs_rep, particles.view(B * N, A) and noise (x_0 of mu's sampler) is particle i of state b."""
+    network, whose update norm is clipped per state when acting); returns particles [B, N, A].
+    Row b * N + i of particles.view(B * N, A) and of noise (x_0 of mu's sampler) is particle i of state b."""
     b, n = obs.shape[0], args.num_particles
-    obs_rep = obs.repeat_interleave(n, 0)
     particles = sample_reference(flow, obs, args.bc_flow_steps, generator, noise, repeats=n).view(b, n, -1)
     if score_net is not None:
         particles = amortised_transport(score_net, obs, particles, steps, args.transport_step_size, acting)
@@ -1037,7 +1036,7 @@ def transported_particles(flow, critic, score_net, obs, steps: int, args: Args, 
         particles = transport(None, obs, particles, steps, args.transport_step_size, args.alpha,
                               args.fixed_bandwidth, lambda x: critic.mean_action_gradient(features, x.view(b * n, -1),
                                                                                          n).view(b, n, -1))
-    return obs_rep, particles
+    return particles
 
 
 @torch.no_grad()
@@ -1046,9 +1045,8 @@ def act(flow, critic, obs, args: Args, transport_steps: int, generator=None, sco
     """pi(s): N particles from mu, L_test transport steps on the online critic, then pick one (argmax Q by default).
     noise: optional x_0 [B * N, A] of mu's sampler (row b * N + i: particle i of state b)."""
     b, n = obs.shape[0], args.num_particles
-    obs_rep, particles = transported_particles(flow, critic, score_net, obs, transport_steps, args, generator,
-                                               noise=noise)
-    q = aggregate(critic(obs_rep, particles.view(b * n, -1)), args.target_q_agg).view(b, n)
+    particles = transported_particles(flow, critic, score_net, obs, transport_steps, args, generator, noise=noise)
+    q = aggregate(critic(obs.repeat_interleave(n, 0), particles.view(b * n, -1)), args.target_q_agg).view(b, n)
     if args.action_selection == "max":
         idx = q.argmax(1)
     elif args.action_selection == "softmax":
@@ -1066,8 +1064,8 @@ def td_target(critic, target_critic, flow, batch: Dict[str, torch.Tensor], args:
     """y = r + gamma * mask * mean_i Q_target(s', a_i), a_i ~ mu(.|s') transported L_train steps on the online Q.
     batch["target_x0"] [B * N, A], when present, is x_0 of mu's sampler (row b * N + i: particle i of s'_b)."""
     b, n = batch["next_observations"].shape[0], args.num_particles
-    _, particles = transported_particles(flow, critic, score_net, batch["next_observations"],
-                                         args.train_transport_steps, args, acting=False, noise=batch.get("target_x0"))
+    particles = transported_particles(flow, critic, score_net, batch["next_observations"], args.train_transport_steps,
+                                      args, acting=False, noise=batch.get("target_x0"))
     features = target_critic.obs_features(batch["next_observations"])
     next_q = aggregate(target_critic.values_from(features, particles.view(b * n, -1), n), args.target_q_agg)
     return batch["rewards"] + args.discount * batch["masks"] * next_q.view(b, n).mean(1)
