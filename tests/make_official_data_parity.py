@@ -188,17 +188,23 @@ def main():
             return np.zeros(self.observation_space.shape), {}
 
     out = {}
-    for seed, (case, file_name) in enumerate(D4RL_CASES.items()):
-        data = d4rl_input(case, seed)
-        write_d4rl_hdf5(os.path.join(os.environ["D4RL_DATASET_DIR"], file_name), data)
-        d4rl_utils.make_env = lambda name, data=data: D4RLEnv(name, data)
+
+    def record(case, data):
+        """The official loader's arrays for `case` (its file already written from `data`), stored with the input."""
         _, _, train, _, reward_scale = env_utils.make_env_and_datasets(case, normalize_r=1)
         out.update({f"{case}/input/{k}": v for k, v in data.items()})
         out[f"{case}/reward_scale"] = np.float64(reward_scale)
         for key in ("observations", "actions", "rewards", "masks", "next_observations"):
             out[f"{case}/official/{key}"] = np.asarray(train[key])
+        return train
+
+    for seed, (case, file_name) in enumerate(D4RL_CASES.items()):
+        data = d4rl_input(case, seed)
+        write_d4rl_hdf5(os.path.join(os.environ["D4RL_DATASET_DIR"], file_name), data)
+        d4rl_utils.make_env = lambda name, data=data: D4RLEnv(name, data)
+        train = record(case, data)
         print(f"{case}: {len(data['rewards'])} rows -> {len(train['rewards'])} transitions, reward scale "
-              f"{reward_scale:.6f}, masks 0 at {int((train['masks'] == 0).sum())}")
+              f"{out[f'{case}/reward_scale']:.6f}, masks 0 at {int((train['masks'] == 0).sum())}")
     for seed, (case, dataset_name) in enumerate(OGBENCH_CASES.items(), start=len(D4RL_CASES)):
         env = ogbench.make_env_and_datasets(case, env_only=True)
         env.reset()
@@ -206,11 +212,7 @@ def main():
         goal = np.asarray(u.cur_goal_xy if "maze" in case else u._data.mocap_pos[0]).copy()
         data = ogbench_input(case, seed, goal)
         write_ogbench_npz(os.path.join(work, ".ogbench", "data"), dataset_name, data)
-        _, _, train, _, reward_scale = env_utils.make_env_and_datasets(case, normalize_r=1)
-        out.update({f"{case}/input/{k}": v for k, v in data.items()})
-        out[f"{case}/reward_scale"] = np.float64(reward_scale)
-        for key in ("observations", "actions", "rewards", "masks", "next_observations"):
-            out[f"{case}/official/{key}"] = np.asarray(train[key])
+        train = record(case, data)
         print(f"{case}: {len(train['rewards'])} transitions, rewards {np.unique(train['rewards'])}, "
               f"masks 0 at {int((train['masks'] == 0).sum())}")
 
