@@ -1029,11 +1029,11 @@ def plot_runs(summaries, folder):
     plt.close(fig)
 
 
-def matched_compute(folders):
+def matched_compute(summaries, folders):
     """--plot-runs: every L > 0 of every run against the best-of-n of the frontier run (the one with --best-of-n)
-    with the fewest token-forwards per prompt at or above the run's: paired differences over prompts ± their SE."""
-    runs = [(json.load(open(os.path.join(d, "summary.json"))), [json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))])
-            for d in folders]
+    with the fewest token-forwards per prompt at or above the run's: paired differences over prompts ± their SE.
+    summaries: read_summaries(folders); the per-prompt records come from each folder's samples.jsonl."""
+    runs = [(s, [json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))]) for s, d in zip(summaries, folders)]
     fs, fr = next(((s, r) for s, r in runs if s.get("best_of_n")), (None, None))
     if fs is None:
         return
@@ -1594,7 +1594,7 @@ if __name__ == "__main__":
             plot_runs(runs, args.output_dir)
             print(f"wrote {os.path.join(args.output_dir, 'judge_vs_compute.png')}: " + "; ".join(
                 f"{d} as '{label}'" for d, label in zip(args.plot_runs, run_labels(runs))))
-            matched_compute(args.plot_runs)
+            matched_compute(runs, args.plot_runs)
         else:
             main(args)
     except VGFError as e:
