@@ -409,6 +409,22 @@ def test_sampling_prefills_last_logits_and_stops_when_all_ended(tiny_setup):
     assert shapes == [(2, 1, lm.config.vocab_size)]  # one prefill, last-position logits only, no decode step
 
 
+def test_every_transport_draws_the_same_reference_samples(tiny_setup, tmp_path):
+    """Same seed and prompts: every prompt batch's reference samples, so best-of-N (L = 0), are the same whichever
+    transport follows, though mh draws its proposals from the RNG and topk draws nothing."""
+    recs = {}
+    for mode in ("mh", "topk"):
+        args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                            output_dir=str(tmp_path), run_name=mode, transport=mode, num_particles=3, max_new_tokens=6,
+                            num_eval_prompts=4, eval_fraction=0.25, prompt_batch_size=2, transport_steps=[0, 1],
+                            rm_epochs=0, rm_train_backbone=False, top_k=4)
+        recs[mode] = [json.loads(x) for x in open(os.path.join(vgf_llm.main(args), "samples.jsonl"))]
+    assert len(recs["mh"]) == len(recs["topk"]) == 4  # two prompt batches
+    for a, b in zip(recs["mh"], recs["topk"]):
+        assert a["prompt"] == b["prompt"] and a["sample"] == b["sample"], (a["sample"], b["sample"])
+        assert [a["vgf"]["0"][k] for k in ("text", "reward", "nll")] == [b["vgf"]["0"][k] for k in ("text", "reward", "nll")]
+
+
 def write_rows(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
