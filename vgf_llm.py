@@ -205,9 +205,8 @@ def end_of_turn(tok):
     """The special token that closes an assistant turn in the chat template (`<|im_end|>` for ChatML), or None."""
     marker = "vgf-probe-7Q"
     try:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
     except Exception:
         return None
     ids = tok(text[text.rfind(marker) + len(marker) :].lstrip(), add_special_tokens=False)["input_ids"][:1]
@@ -300,29 +299,30 @@ def preference_row(r):
     return dict(prompt=p, chosen=c, rejected=rj)
 
 
+def local_jsonl(args):
+    return os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config
+
+
 def check_dataset(args):
     """Fails before any model loads when --dataset names a local file or folder that is not there."""
     if not os.path.exists(args.dataset) and looks_local(args.dataset):
         raise VGFError(f"--dataset {args.dataset}: no such file or folder (pass a JSONL, a dataset folder or a hub id)")
-    is_jsonl = os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json"))
-    local_jsonl = is_jsonl and not args.dataset_config
-    if not local_jsonl and importlib.util.find_spec("datasets") is None:
+    if not local_jsonl(args) and importlib.util.find_spec("datasets") is None:
         raise VGFError(f"--dataset {args.dataset}: hub datasets need the `datasets` package (`pip install datasets`)")
 
 
 def load_preferences(args):
     """(train rows, held-out rows). A local JSONL holds out its last lines; hub data is shuffled with --seed."""
-    if os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config:
+    if local_jsonl(args):
         try:
             rows = read_jsonl(args.dataset)
         except UnicodeDecodeError:
             raise VGFError(f"--dataset {args.dataset}: not a text JSONL file") from None
         n_test = max(1, int(len(rows) * args.eval_fraction))
         return usable_pairs(rows[:-n_test], "training", args), usable_pairs(rows[-n_test:], "held-out", args)
-    try:
-        import datasets
-    except ImportError:
-        raise VGFError(f"--dataset {args.dataset}: hub datasets need the `datasets` package (`pip install datasets`)")
+    check_dataset(args)
+    import datasets
+
     try:
         ds = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.dataset_subset)
     except ValueError as e:
@@ -356,9 +356,7 @@ def load_preferences(args):
 
 
 def usable_pairs(rows, part, args):
-    """Pairs whose chosen and rejected texts are the same (both empty, say) state no preference: they are left out
-    with a warning (Bradley-Terry cannot learn from them and they would count as errors in the accuracy); none left
-    is an error."""
+    """Pairs with the same chosen and rejected text state no preference: left out with a warning; none left: error."""
     kept = [r for r in rows if r["chosen"].strip() != r["rejected"].strip()]
     if not kept:
         raise VGFError(f"--dataset {args.dataset}: every one of the {len(rows)} {part} pairs has the same chosen and "
@@ -430,14 +428,12 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, inputs_embeds, attention_mask, num_response, past_key_values=None):
-        """R from the hidden state at the last attended position (or the mean over the last num_response positions,
-        the response); padding is masked, so it never reaches the score. With past_key_values (the prompt's cache),
-        inputs_embeds holds only the response and attention_mask covers prompt and response."""
+        """R from the hidden state at the last attended position (or the mean over the response's num_response
+        positions), padding masked; with past_key_values (the prompt's cache), inputs_embeds is the response only."""
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
-        h = self.backbone(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=past_key_values is not None,
-        ).last_hidden_state.float()
+        h = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=past_key_values is not None).last_hidden_state
+        h = h.float()
         if self.pooling == "mean":
             m = attention_mask[:, -num_response:, None].float()
             return self.head((h[:, -num_response:] * m).sum(1) / m.sum(1).clamp(min=1)).squeeze(-1)
@@ -456,15 +452,15 @@ class RewardModel(nn.Module):
 
     @classmethod
     def load(cls, folder, dtype, shared=None):
-        """shared: (path, gguf_file, module) of the loaded base model; a reward model whose frozen backbone is that
-        model reuses the module instead of loading the weights again."""
+        """shared: (path, gguf_file, module) of the base model, reused when it is the reward model's frozen backbone."""
         from transformers import AutoModel
 
         if not os.path.isfile(os.path.join(folder, "vgf_reward.json")):
             raise VGFError(f"{folder!r} is not a reward model of this program (no vgf_reward.json / value_head.pt)")
         info = json.load(open(os.path.join(folder, "vgf_reward.json")))
         ref = info.get("backbone") or {"path": folder, "gguf_file": None}
-        if shared is not None and same_model((ref["path"], ref["gguf_file"]), shared[:2]):
+        norm = lambda p: os.path.abspath(p) if os.path.exists(p) else p  # the same weights: same path and GGUF file
+        if shared is not None and (norm(ref["path"]), ref["gguf_file"]) == (norm(shared[0]), shared[1]):
             backbone = shared[2]
         else:
             backbone = from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype)
@@ -473,16 +469,9 @@ class RewardModel(nn.Module):
         return rm, info
 
 
-def same_model(a, b):
-    """(path, gguf_file) pairs naming the same weights (local paths compared as absolute paths)."""
-    norm = lambda p: os.path.abspath(p) if os.path.exists(p) else p
-    return norm(a[0]) == norm(b[0]) and a[1] == b[1]
-
-
 def build_reward_model(model_path, gguf_file, lm, args, dtype):
-    """A fresh R: the base model's own backbone module when it stays frozen (no second copy of the weights), else a
-    float32 copy to train (Adam on bfloat16 weights at lr 1e-5 leaves most updates below bfloat16's resolution; the
-    forward runs under bfloat16 autocast instead, see train_reward_model)."""
+    """A fresh R: the base model's own backbone module when it stays frozen, else a float32 copy to train (Adam on
+    bfloat16 weights at lr 1e-5 loses most updates; the forward runs under bfloat16 autocast instead)."""
     from transformers import AutoModel
 
     if not args.rm_train_backbone:
@@ -499,8 +488,7 @@ def joint_embeds(embed, p_ids, p_mask, r_emb, r_mask):
 
 @torch.no_grad()
 def prompt_cache(model, embed, p_ids, p_mask):
-    """Keys and values of the fixed prompts (and the base model's logits after them), computed once per prompt batch
-    and reused by every particle and proposal of the transport, which then runs only the responses."""
+    """Keys and values of the fixed prompts (and the logits after them), once per prompt batch for all particles."""
     kw = dict(logits_to_keep=1) if model.get_output_embeddings() is not None else {}
     pos = (p_mask.cumsum(1) - 1).clamp(min=0)
     out = model(inputs_embeds=embed(p_ids), attention_mask=p_mask, position_ids=pos, use_cache=True, **kw)
@@ -523,8 +511,8 @@ def chunked(fn, n, size, *tensors):
 
 
 def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False, cache=None, rows=None):
-    """R(x, y) for token ids, or for continuous response embeddings r_emb (with dR/dr_emb when grad). With cache
-    (`prompt_cache` of rm.backbone) and rows (each sequence's index into it), only the response is run."""
+    """R(x, y) for token ids or response embeddings r_emb (with dR/dr_emb when grad); with cache (`prompt_cache` of
+    rm.backbone) and rows (each sequence's index into it), only the response is run."""
     dtype = embed.weight.dtype
 
     def one(pi, pm, ri, rm_, re, rw):
@@ -536,8 +524,7 @@ def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False,
                 r = rm(re, torch.cat([pm, rm_], 1), rm_.shape[1], past_key_values=cache_rows(cache, rw))
         return (r.detach(), torch.autograd.grad(r.sum(), re)[0].float()) if grad else r
 
-    if rows is None:
-        rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device)
+    rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device) if rows is None else rows
     return chunked(one, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, r_emb, rows)
 
 
@@ -553,37 +540,32 @@ def encode_pairs(tok, rows, args, eos_id):
     return p, c, j
 
 
+def ids_rewards(rm, embed, p, r, pad_id, device, mb):
+    """R of lists of prompt and response token ids (prompts left-padded, responses right-padded)."""
+    (pi, pm), (ri, rmask) = pad(p, pad_id, left=True), pad(r, pad_id, left=False)
+    return rewards(rm, embed, pi.to(device), pm.to(device), ri.to(device), rmask.to(device), mb)
+
+
 def pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
-    """Chosen and rejected rewards of a batch of pairs, one forward over both."""
-    pi, pm = pad(p + p, pad_id, left=True)
-    ri, rmask = pad(c + j, pad_id, left=False)
-    r = rewards(rm, embed, pi.to(device), pm.to(device), ri.to(device), rmask.to(device), mb)
-    return r[: len(p)], r[len(p) :]
-
-
-def all_pair_rewards(rm, embed, p, c, j, pad_id, device, mb):
-    """pair_rewards over all pairs, mb pairs at a time."""
-    out = [pair_rewards(rm, embed, p[i : i + mb], c[i : i + mb], j[i : i + mb], pad_id, device, mb)
+    """Chosen and rejected rewards of pairs, mb pairs at a time, one forward over both."""
+    out = [ids_rewards(rm, embed, p[i : i + mb] * 2, c[i : i + mb] + j[i : i + mb], pad_id, device, mb).view(2, -1)
            for i in range(0, len(p), mb)]
-    return tuple(torch.cat(x) for x in zip(*out))
+    return torch.cat([r[0] for r in out]), torch.cat([r[1] for r in out])
 
 
 def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writer, eos_id, bf16=False):
-    """Bradley-Terry training. bf16: the trained (float32) backbone runs its forward under bfloat16 autocast, so
-    Adam updates float32 master weights."""
+    """Bradley-Terry training; bf16: the float32 backbone's forward runs under bfloat16 autocast."""
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16 and args.rm_train_backbone)
     rm.backbone.get_input_embeddings().weight.requires_grad_(False)  # particles live in the base embedding space
     if not args.rm_train_backbone:
         rm.backbone.requires_grad_(False)
     params = [p for p in rm.parameters() if p.requires_grad]
-    lr = args.rm_lr if args.rm_train_backbone else 10 * args.rm_lr
-    optimizer = torch.optim.Adam(params, lr=lr)
-    train_rows = train_rows[: args.rm_train_pairs]
-    p, c, j = encode_pairs(tok, train_rows, args, eos_id)
+    optimizer = torch.optim.Adam(params, lr=args.rm_lr if args.rm_train_backbone else 10 * args.rm_lr)
+    p, c, j = encode_pairs(tok, train_rows[: args.rm_train_pairs], args, eos_id)
     if not args.rm_train_backbone:  # frozen backbone: pool the last-token features once, then train only the head
         head, rm.head = rm.head, nn.Identity()
         with torch.no_grad():
-            fc, fr = all_pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
+            fc, fr = pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
         rm.head = head
     step, rng = 0, random.Random(args.seed)
     for epoch in range(args.rm_epochs):
@@ -617,7 +599,7 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
     """Held-out pairwise accuracy; with standardise, fold (R - mean) / std of held-out rewards into the head."""
     rm.eval()
     p, c, j = encode_pairs(tok, rows[: args.rm_eval_pairs], args, eos_id)
-    rc, rr = all_pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
+    rc, rr = pair_rewards(rm, embed, p, c, j, tok.pad_token_id, device, args.micro_batch_size)
     loss, acc = bradley_terry_loss(rc, rr)
     if standardise:
         allr = torch.cat([rc, rr])
@@ -632,33 +614,28 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
 # ALGO LOGIC: reference sampler mu (sampling up to a length limit, then truncation after the first stop token)
 @torch.no_grad()
 def sample_responses(lm, p_ids, p_mask, num_new, temperature, stop_ids):
-    """Autoregressive sampling with a KV cache; left-padded prompts get position ids from their mask. The prefill
-    computes logits for the last position only; sampling ends once every sequence holds a stop token, and the
-    (num_new-wide) output is filled with a stop token from there on."""
+    """Autoregressive sampling with a KV cache (position ids from the left-padded mask; last-position prefill logits)
+    until every sequence holds a stop token; the (num_new-wide) output is filled with a stop token from there on."""
     mask, pos = p_mask, (p_mask.cumsum(1) - 1).clamp(min=0)
     out = lm(input_ids=p_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     tokens, done = [], torch.zeros(len(p_ids), dtype=torch.bool, device=p_ids.device)
     for t in range(num_new):
         logits = out.logits[:, -1].float()
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial((logits / temperature).softmax(-1), 1)
+        nxt = torch.multinomial((logits / temperature).softmax(-1), 1) if temperature else logits.argmax(-1, True)
         tokens.append(nxt)
         done |= torch.isin(nxt[:, 0], stop_ids)
         if t + 1 == num_new or bool(done.all()):
             break
         mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos[:, -1:] + 1
-        cache = out.past_key_values
-        out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                 use_cache=True)
     tokens = torch.cat(tokens, 1)
     return F.pad(tokens, (0, num_new - tokens.shape[1]), value=int(stop_ids[0]))
 
 
 def truncate_at_eos(tokens, eos_ids, pad_id, eos_id):
-    """Keep tokens up to and including the first stop token; everything after becomes masked padding, and columns
-    that are padding in every row are dropped. A response that hit the length limit gets eos_id appended, so every
-    response ends as the reward model's training responses do."""
+    """Keep tokens through the first stop token (the rest: masked padding; all-padding columns dropped); a response
+    that hit the length limit gets eos_id appended, as the reward model's training responses end."""
     tokens = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_id)], 1)
     keep = through_first_stop(tokens, eos_ids)
     width = int(keep.sum(1).max())
@@ -673,8 +650,8 @@ def through_first_stop(tokens, eos_ids):
 
 @torch.no_grad()
 def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, cache=None, rows=None):
-    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position and their log mu.
-    With cache (`prompt_cache` of lm) and rows, only the response is run."""
+    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position and their log mu;
+    with cache (`prompt_cache` of lm) and rows, only the response is run."""
     T, dtype = r_ids.shape[1], embed.weight.dtype
     if cache is None:
         x, m = joint_embeds(embed, p_ids, p_mask, embed(r_ids), r_mask)
@@ -700,16 +677,14 @@ def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0,
 
 def token_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, mb, top_k=0, cache=None, rows=None):
     """response_logprobs in micro-batches."""
-    if rows is None:
-        rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device)
+    rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device) if rows is None else rows
     f = lambda a, b, c, d, e: response_logprobs(lm, embed, a, b, c, d, allowed, top_k, cache, e)
     return chunked(f, len(r_ids), mb, p_ids, p_mask, r_ids, r_mask, rows)
 
 
 # ALGO LOGIC: SVGD, phi(x_i) = (1/N) sum_j [k(x_j, x_i) grad R(x_j) / alpha + grad_{x_j} k(x_j, x_i)]
 def svgd_direction(x, score):
-    """x, score: (B, N, D) particles of B prompts. RBF kernel, median bandwidth h = med(d^2) / (2 log(N+1)) held
-    constant, K = exp(-d^2 / (2h + 1e-6)); the repulsion is sum_j K_ij (x_i - x_j) * 2 / (2h + 1e-6)."""
+    """x, score: (B, N, D) particles of B prompts; RBF kernel with the median bandwidth h = med(d^2) / (2 log(N+1))."""
     n = x.shape[1]
     d2 = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
     h = torch.quantile(d2.flatten(1), 0.5, dim=1)[:, None, None] / (2 * math.log(n + 1))
@@ -719,8 +694,7 @@ def svgd_direction(x, score):
 
 
 def particle_direction(u, score, movable, n):
-    """SVGD direction for response embeddings u (B*N, T, d): each particle is its flattened movable embeddings, so
-    padding and EOS positions never enter the kernel and never move."""
+    """SVGD direction for response embeddings u (B*N, T, d), each particle its flattened movable embeddings."""
     mov = movable[..., None].to(u.dtype)
     flat = lambda t: (t * mov).reshape(len(u) // n, n, -1)
     return svgd_direction(flat(u), flat(score)).view_as(u) * mov
@@ -756,8 +730,7 @@ def first_eos(ids, eos_ids):
 
 
 def end_at_eos(ids, ends, eos_ids, eos_id):
-    """Length change: a response ends at its first EOS; one whose EOS became another token grows by one token (EOS
-    after it), within the budget of T positions."""
+    """A response ends at its first EOS; one whose EOS became another token grows by one (EOS after it), within T."""
     first = first_eos(ids, eos_ids)
     grow = first > ends
     new = torch.where(grow, (ends + 1).clamp(max=ids.shape[1] - 1), first)
@@ -768,12 +741,10 @@ def end_at_eos(ids, ends, eos_ids, eos_id):
 # ALGO LOGIC: transport. Particle spaces over one SVGD direction (embed, topk) and the MH chain (mh)
 def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args,
               eos_ids=None, eos_id=None, spacing=None, trace=None, suffix_fn=None, cost=None):
-    """Moves the N reference particles of each prompt for max(steps) steps in the space of --transport; snapshots
-    (tokens, R, sum log mu, seconds, mask, info) at every L in steps, and after every step into the list `trace`.
-    ref_ids (B*N, T); reward_fn(ids, emb, grad) -> R [, dR/demb]; logprob_fn(ids, emb, top_k, grad) -> (log mu per
-    token, top-k next tokens, their log mu, d log mu / demb); suffix_fn(ids, t, v) -> (ids', stop positions), mh
-    only; cost() -> model token-forwards so far. With eos_ids the stop token is a position like any other and
-    lengths change; without, the positions in `movable` move (embed, topk)."""
+    """Moves the N reference particles (B*N, T) of each prompt for max(steps) steps in the space of --transport;
+    snapshots at every L in steps, and after every step into `trace`. reward_fn(ids, emb, grad) -> R [, dR/demb];
+    logprob_fn(ids, emb, top_k, grad) -> (log mu per token, top-k next tokens, their log mu, d log mu / demb);
+    suffix_fn (mh), cost() -> token-forwards so far. With eos_ids lengths change; without, `movable` positions move."""
     cost = cost or (lambda: 0)
     if args.transport == "mh":
         return mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, embed_table, args, trace, cost)
@@ -792,8 +763,7 @@ def snapshot(snaps, trace, steps, step, ids, R, lp, t0, live, cost, **info):
 
 
 def movable_now(movable, ends, eos_ids, T):
-    """Positions that may change: `movable` at fixed length; else the live ones, the stop token included, before
-    the last position (the length budget)."""
+    """Positions that may change: `movable` at fixed length; else the live ones (stop token too) before the last."""
     if eos_ids is None:
         return movable.bool()
     pos = torch.arange(T, device=ends.device)
@@ -803,12 +773,10 @@ def movable_now(movable, ends, eos_ids, T):
 def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
                spacing, trace, cost):
     """The configuration a third-party summary of the paper describes: particles = the response's token embeddings
-    u, moved by Adam(lr = ε · spacing / √d: its first step moves every coordinate by lr) on −phi, phi the SVGD
-    direction of the score ∇R/α only, ∇R taken at the continuous embeddings. Each position decodes to the
-    vocabulary's nearest allowed token, for scoring only (the particles themselves are never projected)."""
-    T, t0, snaps = ref_ids.shape[1], time.time(), {}
-    pos, ids, ends = torch.arange(T, device=ref_ids.device), ref_ids.clone(), r_mask.sum(1) - 1
-    live = lambda: r_mask if eos_ids is None else pos <= ends[:, None]
+    u, moved by Adam(lr = ε · spacing / √d) on −phi, phi the SVGD direction of the score ∇R/α only. Each position
+    decodes to the nearest allowed token, for scoring only (the particles themselves are never projected)."""
+    T, t0, snaps, ids, ends = ref_ids.shape[1], time.time(), {}, ref_ids.clone(), r_mask.sum(1) - 1
+    live = lambda: r_mask if eos_ids is None else torch.arange(T, device=ids.device) <= ends[:, None]
     R, lp = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[0]
     snapshot(snaps, trace, steps, 0, ids, R, lp, t0, live(), cost)
     u = table[ids].clone().requires_grad_(True)
@@ -828,12 +796,11 @@ def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table,
 
 def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
                 spacing, trace, cost):
-    """Baseline (a search, not a transport): each step ranks the single-token swaps to mu's top-k tokens by the
-    first-order gain (E_v − u_t)·phi_t along the SVGD direction, re-scores the best --num-proposals exactly and
-    keeps the best one if it raises R/α + lm_coef log mu. Rejected moves are remembered until the particle moves."""
-    (BN, T), k, t0, snaps = ref_ids.shape, args.top_k, time.time(), {}
-    pos, ids, ends = torch.arange(T, device=ref_ids.device), ref_ids.clone(), r_mask.sum(1) - 1
-    live = lambda: r_mask if eos_ids is None else pos <= ends[:, None]
+    """Baseline (a search): ranks the single-token swaps to mu's top-k tokens by the gain (E_v − u_t)·phi_t along
+    the SVGD direction, re-scores the best --num-proposals exactly and keeps the best if it raises R/α + lm_coef log
+    mu. Rejected moves are remembered until the particle moves."""
+    (BN, T), k, t0, snaps, ids, ends = ref_ids.shape, args.top_k, time.time(), {}, ref_ids.clone(), r_mask.sum(1) - 1
+    live = lambda: r_mask if eos_ids is None else torch.arange(T, device=ids.device) <= ends[:, None]
     R = reward_fn(ids, None, False)
     lp, cand, _, _ = logprob_fn(ids, None, k if max(steps) else 0, False)
     snapshot(snaps, trace, steps, 0, ids, R, lp, t0, live(), cost)
@@ -869,27 +836,23 @@ def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table
 # ALGO LOGIC: value-gradient Metropolis-Hastings toward pi*(y|x) ∝ mu(y|x) exp(R(x, y) / alpha)
 def mh_terms(ids, ends, g, cand, cand_lp, table, tau, kappa):
     """First-order gains Δ_t(v) = g_t·(E_v − E_{y_t}) over the candidates C_t (mu's top-k after y_<t), log q(t|y)
-    ∝ κ max_v Δ_t(v) over the positions that may change (up to the stop token, before the forced stop at the
-    budget), and log Z_t(y) = logsumexp_v [log mu(v|y_<t) + τ Δ_t(v)] of the token proposal."""
+    ∝ κ max_v Δ_t(v) over the positions that may change (through the stop token, before the budget's forced stop),
+    and log Z_t(y) = logsumexp_v [log mu(v|y_<t) + τ Δ_t(v)] of the token proposal."""
     delta = ((table[cand] - table[ids][:, :, None]) * g[:, :, None]).sum(-1)  # (BN, W, k)
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    may = pos <= ends.clamp(max=ids.shape[1] - 2)[:, None]
+    may = torch.arange(ids.shape[1], device=ids.device) <= ends.clamp(max=ids.shape[1] - 2)[:, None]
     log_q = (kappa * delta.max(-1).values).masked_fill(~may, -torch.inf).log_softmax(-1)
     return delta, log_q, (cand_lp + tau * delta).logsumexp(-1)
 
 
 def mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, table, args, trace=None,
                  cost=lambda: 0, hastings=True):
-    """One Metropolis-Hastings chain per particle, started from the reference samples; snapshots (tokens, R,
-    sum log mu, seconds, mask, info) at every L in steps. A step proposes t ~ q(t|y), v ~ mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y)
-    over C_t, then y'_>t ~ mu(·|y_<t, v) via suffix_fn(ids, t, v) -> (ids', stop positions), and accepts with
-    log A = (R(y') − R(y))/α + log q(t|y') − log q(t|y) + τ(Δ'_t(y_t) − Δ_t(v)) + log Z_t(y) − log Z_t(y').
-    Algebra: π*(y')/π*(y) = mu(y_<t) mu(v|y_<t) mu(y'_>t|y_<t, v) e^{R'/α} / [mu(y_<t) mu(y_t|y_<t) mu(y_>t|y_≤t) e^{R/α}];
-    Q(y→y') = q(t|y) mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y) · mu(y'_>t|y_<t, v), Q(y'→y) = q(t|y') mu(y_t|y_<t) e^{τΔ'_t(y_t)}
-    / Z_t(y') · mu(y_>t|y_≤t): in π*(y') Q(y'→y) / [π*(y) Q(y→y')] every mu factor cancels, leaving log A. The reverse
-    move picks the same t (y'_<t = y_<t), so detailed balance holds for each t; it is impossible when y_t ∉ C_t
-    (rejected). The width W of ref_ids is the budget plus the forced stop. hastings=False drops every term but
-    (R' − R)/α (exact only for τ = κ = 0)."""
+    """One Metropolis-Hastings chain per particle, started from the reference samples; snapshots at every L in steps.
+    A step proposes t ~ q(t|y), v ~ mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y) over C_t, then y'_>t ~ mu(·|y_<t, v) (suffix_fn
+    -> (ids', stop positions)), and accepts with log A = (R(y') − R(y))/α + log q(t|y') − log q(t|y)
+    + τ(Δ'_t(y_t) − Δ_t(v)) + log Z_t(y) − log Z_t(y'): with Q(y→y') = q(t|y) mu(v|y_<t) e^{τΔ_t(v)} / Z_t(y) ·
+    mu(y'_>t|y_<t, v), every mu factor of π* ∝ mu e^{R/α} cancels in π*(y') Q(y'→y) / [π*(y) Q(y→y')]. The reverse
+    move picks the same t (y'_<t = y_<t), so detailed balance holds for each t; it is impossible (rejected) when
+    y_t ∉ C_t. Width W = budget + forced stop. hastings=False keeps only (R' − R)/α (exact only for τ = κ = 0)."""
     BN, W = ref_ids.shape
     tau, kappa, k, t0 = args.mh_tau, args.mh_kappa, args.top_k, time.time()
     ids, ends, table, snaps = ref_ids.clone(), r_mask.sum(1) - 1, table.float(), {}
@@ -1228,17 +1191,11 @@ def read_summaries(folders):
 
 
 def setup(args):
-    """Device and process (data-parallel over prompts under `accelerate launch`, no process management of our
-    own), the model's path, seeding and dtype."""
-    ctx = SimpleNamespace(world=int(os.environ.get("WORLD_SIZE", "1")), rank=0)
-    if ctx.world > 1:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not (torch.cuda.is_available() and args.cuda))
-        ctx.world, ctx.rank, ctx.device, ctx.state = state.num_processes, state.process_index, state.device, state
-    else:
-        ctx.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    ctx.is_main = ctx.rank == 0
+    """Device (one process), the model's path, seeding and dtype."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VGFError("data-parallel evaluation over several processes (accelerate launch, torchrun) is not "
+                       "provided: run `python vgf_llm.py ...` as one process")
+    ctx = SimpleNamespace(device=torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu"))
     ctx.model_path, ctx.gguf_file = resolve_model(args.model, args.gguf_file)
     check_dataset(args)
     # TRY NOT TO MODIFY: seeding
@@ -1275,49 +1232,39 @@ def load_base_model(args, ctx):
 
 
 def open_run_folder(args, ctx):
-    """The run's folder (one name for all processes), its TensorBoard writer and, with --track, wandb."""
+    """The run's folder, its TensorBoard writer and, with --track, wandb."""
     name = os.path.basename(ctx.model_path.rstrip("/"))
-    run_name = [args.run_name or f"{args.exp_name}__{name}__{args.seed}__{int(time.time())}"]
-    if ctx.world > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(run_name)
-    ctx.run_name, ctx.run_dir = run_name[0], os.path.join(args.output_dir, run_name[0])
-    if ctx.is_main and args.track:
+    ctx.run_name = args.run_name or f"{args.exp_name}__{name}__{args.seed}__{int(time.time())}"
+    ctx.run_dir = os.path.join(args.output_dir, ctx.run_name)
+    if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=ctx.run_name, save_code=True)
-    if ctx.is_main and not os.path.exists(ctx.run_dir):
+    if not os.path.exists(ctx.run_dir):
         NEW_RUN_DIRS.append(ctx.run_dir)
-    ctx.writer = SummaryWriter(ctx.run_dir if ctx.is_main else os.path.join(ctx.run_dir, f"rank{ctx.rank}"))
+    ctx.writer = SummaryWriter(ctx.run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     ctx.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % table)
 
 
 # ALGO LOGIC: value learning (Bradley-Terry reward model on the base backbone)
 def value_learning(args, ctx, train_rows, test_rows):
-    """The reward model R: loaded from --reward-model, or trained (by the main process) and saved in the run."""
+    """The reward model R: loaded from --reward-model, or trained and saved in the run."""
     dtype, embed = ctx.dtype, ctx.embed
     if args.reward_model:
         rm, rm_info = RewardModel.load(args.reward_model, dtype, ctx.base)
         rm, rm_path = rm.to(ctx.device), args.reward_model
     else:
         rm_path = os.path.join(ctx.run_dir, "reward_model")
-        if ctx.is_main:
-            rm = build_reward_model(ctx.model_path, ctx.gguf_file, ctx.lm, args, dtype)
-            rm_info = train_reward_model(rm, rm.backbone.get_input_embeddings(), ctx.tok, train_rows, test_rows, args,
-                                         ctx.device, ctx.writer, ctx.end_id, ctx.bf16)
-            rm.backbone.to(dtype)  # a trained float32 backbone runs in the base model's dtype from here on
-            path = os.path.abspath(ctx.model_path) if os.path.exists(ctx.model_path) else ctx.model_path
-            ref = None if args.rm_train_backbone else {"path": path, "gguf_file": ctx.gguf_file}
-            info = dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs))
-            rm.save(rm_path, ctx.tok, info, ref)
-        if ctx.world > 1:
-            ctx.state.wait_for_everyone()
-            if not ctx.is_main:
-                rm, rm_info = RewardModel.load(rm_path, dtype, ctx.base)
-                rm = rm.to(ctx.device)
+        rm = build_reward_model(ctx.model_path, ctx.gguf_file, ctx.lm, args, dtype)
+        rm_info = train_reward_model(rm, rm.backbone.get_input_embeddings(), ctx.tok, train_rows, test_rows, args,
+                                     ctx.device, ctx.writer, ctx.end_id, ctx.bf16)
+        rm.backbone.to(dtype)  # a trained float32 backbone runs in the base model's dtype from here on
+        path = os.path.abspath(ctx.model_path) if os.path.exists(ctx.model_path) else ctx.model_path
+        ref = None if args.rm_train_backbone else {"path": path, "gguf_file": ctx.gguf_file}
+        info = dict(rm_info, base_model=args.model, train_pairs=min(len(train_rows), args.rm_train_pairs))
+        rm.save(rm_path, ctx.tok, info, ref)
     rm.eval().requires_grad_(False)
     rm_embed = rm.backbone.get_input_embeddings()
     if rm_embed.weight.shape != embed.weight.shape or not torch.equal(rm_embed.weight, embed.weight):
@@ -1327,20 +1274,18 @@ def value_learning(args, ctx, train_rows, test_rows):
     print(f"reward model {rm_path}: held-out pairwise accuracy {rm_info['heldout_accuracy']:.3f}")
     ctx.writer.add_scalar("eval/rm_heldout_accuracy", rm_info["heldout_accuracy"], 0)
     ctx.rm, ctx.rm_info, ctx.rm_path = rm, rm_info, rm_path
-    ctx.judges = [("judge", Judge(args.judge, args, ctx.device, dtype, (ctx.tok, rm, ctx.end_id), ctx.base))]
-    if args.judge2:
-        ctx.judges.append(("judge2", Judge(args.judge2, args, ctx.device, dtype, (ctx.tok, rm, ctx.end_id), ctx.base)))
+    ctx.judges = [(name, Judge(spec, args, ctx.device, dtype, (ctx.tok, rm, ctx.end_id), ctx.base))
+                  for name, spec in (("judge", args.judge), ("judge2", args.judge2)) if name == "judge" or spec]
 
 
-def prompt_batches(test_rows, args, ctx):
-    """This process's share of the held-out prompts (distinct prompts, in order), --prompt-batch-size at a time."""
+def prompt_batches(test_rows, args):
+    """The first --num-eval-prompts distinct held-out prompts, --prompt-batch-size at a time."""
     seen, rows = set(), []
     for r in test_rows:
         key = json.dumps(r["prompt"])  # conversational prompts are lists of messages
         if key not in seen and len(rows) < args.num_eval_prompts:
             seen.add(key), rows.append(r)
-    ctx.num_prompts, size = len(rows), args.prompt_batch_size
-    return [rows[i : i + size] for i in range(ctx.rank * size, len(rows), ctx.world * size)]
+    return [rows[i : i + args.prompt_batch_size] for i in range(0, len(rows), args.prompt_batch_size)]
 
 
 def sample_counted(ctx, p_ids, p_mask, num_new, temperature, mb):
@@ -1563,10 +1508,10 @@ def main(args):
     open_run_folder(args, ctx)
     value_learning(args, ctx, train_rows, test_rows)
     records, trajectories = [], []
-    torch.manual_seed(args.seed + ctx.rank)
-    ctx.draws = torch.Generator().manual_seed(args.seed + ctx.rank)  # the uniformly chosen particle per prompt
-    batches = prompt_batches(test_rows, args, ctx)
+    ctx.draws = torch.Generator().manual_seed(args.seed)  # the uniformly chosen particle per prompt
+    batches = prompt_batches(test_rows, args)
     for k, rows in enumerate(batches):
+        torch.manual_seed(args.seed + (k << 32))  # the same reference samples whatever the transport draws (mh)
         batch = reference_sampler(rows, args, ctx)  # reference sampler mu: N responses per prompt
         snaps, trace = run_transport(batch, steps, args, ctx)  # transport: the particles, L = 0..max(L)
         records += evaluate_batch(rows, batch, snaps, steps, args, ctx)  # evaluation of each L
@@ -1574,13 +1519,8 @@ def main(args):
             trajectories += trajectory_rows(rows, trace, args, ctx)
         means = ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-len(rows):]]):.3f}"
                           for L in steps)
-        print(f"prompt batch {k + 1}/{len(batches)} (rank {ctx.rank}): {means}")
-    if ctx.world > 1:
-        from accelerate.utils import gather_object
-
-        records, trajectories = gather_object(records), gather_object(trajectories)
-    if ctx.is_main:
-        report(summarise(records, steps, args, ctx), records, trajectories, steps, args, ctx)
+        print(f"prompt batch {k + 1}/{len(batches)}: {means}")
+    report(summarise(records, steps, args, ctx), records, trajectories, steps, args, ctx)
     ctx.writer.close()
     return ctx.run_dir
 
