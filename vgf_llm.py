@@ -138,8 +138,6 @@ class VGFError(Exception):
     """A problem with the user's input or files, reported as `error: ...` (exit 2) without a traceback."""
 
 
-SHORT_NAMES = {"Qwen": "Qwen/", "SmolLM": "HuggingFaceTB/", "Llama": "meta-llama/", "gemma": "google/"}
-
 
 def looks_local(name: str):
     """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or a data/model file."""
@@ -156,7 +154,8 @@ def resolve_model(name: str, gguf_file: Optional[str]):
     if gguf_file and os.path.isdir(name) and not os.path.isfile(os.path.join(name, gguf_file)):
         raise VGFError(f"--gguf-file {gguf_file}: not found in the --model folder {name}")
     if not os.path.exists(name) and "/" not in name:
-        prefix = next((p for k, p in SHORT_NAMES.items() if name.startswith(k)), None)
+        short = {"Qwen": "Qwen/", "SmolLM": "HuggingFaceTB/", "Llama": "meta-llama/", "gemma": "google/"}
+        prefix = next((p for k, p in short.items() if name.startswith(k)), None)
         if prefix is None:
             raise VGFError(f"--model {name!r}: not a folder and not a hub id; pass `org/name` or a local folder")
         name = prefix + name
@@ -185,16 +184,13 @@ def from_pretrained(cls, name, **kw):
         first = str(e).splitlines()[0] if str(e) else ""
         if "pip install" in str(e):  # transformers names a missing package (gguf, accelerate) in a ValueError
             raise VGFError(f"loading {name!r} needs a missing package: {first}") from None
-        raise VGFError(
-            f"could not load {name!r} ({type(e).__name__}: {first}).\n"
-            "Without network access, download it beforehand (`hf download <id>` on a connected machine, then copy "
-            "the HF cache or set HF_HOME) or pass a local folder: --model /path/to/folder (--gguf-file for GGUF)."
-        ) from None
+        raise VGFError(f"could not load {name!r} ({type(e).__name__}: {first}).\nWithout network access, download it "
+                       "beforehand (`hf download <id>` on a connected machine, then copy the HF cache or set HF_HOME) "
+                       "or pass a local folder: --model /path/to/folder (--gguf-file for GGUF).") from None
 
 
 def load_tokenizer(path, gguf_file=None):
     from transformers import AutoTokenizer
-
     tok = from_pretrained(AutoTokenizer, path, gguf_file=gguf_file)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -215,9 +211,8 @@ def end_of_turn(tok):
 
 
 def stop_tokens(tok, generation_config, chat_template):
-    """Ids that end a response: the tokenizer's and generation config's EOS and, when prompts are templated, the
-    template's end-of-turn token (a base model's EOS is `<|endoftext|>` but its template closes turns with
-    `<|im_end|>`). Also returns the id that closes responses (the end-of-turn token when templated)."""
+    """Ids that end a response (EOS of tokenizer and generation config; when templated, the template's end-of-turn
+    token, e.g. `<|im_end|>` beside `<|endoftext|>`) and the id that closes responses (end of turn when templated)."""
     ids = {tok.eos_token_id} | set(np.atleast_1d(getattr(generation_config, "eos_token_id", None) or []).tolist())
     end = tok.eos_token_id
     eot = end_of_turn(tok) if chat_template and tok.chat_template else None
@@ -246,11 +241,6 @@ def read_jsonl(path):
     return rows
 
 
-def split_hh(text: str):
-    """Anthropic HH: the prompt is everything up to the last "\n\nAssistant:", the response what follows."""
-    k = text.rfind("\n\nAssistant:")
-    return text[: k + len("\n\nAssistant:")], text[k + len("\n\nAssistant:") :].strip()
-
 
 def as_text(x):
     """A response: a string, or conversational messages (their contents joined)."""
@@ -258,8 +248,7 @@ def as_text(x):
 
 
 def to_turns(prompt):
-    """Chat turns of a prompt: conversational rows keep their roles, HH transcripts are split at Human/Assistant,
-    any other text is one user turn."""
+    """Chat turns: conversational rows keep their roles, HH transcripts split at Human/Assistant, else one user turn."""
     if not isinstance(prompt, str):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
     turns, role = [], "user"
@@ -277,26 +266,21 @@ def prompt_text(prompt):
     return prompt if isinstance(prompt, str) else "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def tldr_prompt(info):
-    """openai/summarize_from_feedback's post in the TL;DR layout of trl-lib/tldr-preference."""
-    body = info.get("post") or info.get("article") or ""
-    head = f"SUBREDDIT: r/{info['subreddit']}\n" if info.get("subreddit") else ""
-    return f"{head}TITLE: {info.get('title') or ''}\nPOST: {body}\nTL;DR:"
-
-
 def preference_row(r):
     """One (prompt, chosen, rejected) from the schemas of HH (chosen/rejected transcripts), TRL preference data
     (prompt/chosen/rejected, strings or messages; or implicit-prompt messages) and summarize_from_feedback."""
     if "prompt" in r:
         return dict(prompt=r["prompt"], chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"]))
-    if "summaries" in r:
-        k = int(r["choice"])
-        texts = [x["text"] for x in r["summaries"]]
-        return dict(prompt=tldr_prompt(r["info"]), chosen=texts[k], rejected=texts[1 - k])
+    if "summaries" in r:  # the post in the TL;DR layout of trl-lib/tldr-preference
+        k, texts, info = int(r["choice"]), [x["text"] for x in r["summaries"]], r["info"]
+        head = f"SUBREDDIT: r/{info['subreddit']}\n" if info.get("subreddit") else ""
+        prompt = f"{head}TITLE: {info.get('title') or ''}\nPOST: {info.get('post') or info.get('article') or ''}\nTL;DR:"
+        return dict(prompt=prompt, chosen=texts[k], rejected=texts[1 - k])
     if not isinstance(r["chosen"], str):  # implicit prompt: the shared messages before the last one
         return dict(prompt=r["chosen"][:-1], chosen=r["chosen"][-1]["content"], rejected=r["rejected"][-1]["content"])
-    (p, c), (_, rj) = split_hh(r["chosen"]), split_hh(r["rejected"])
-    return dict(prompt=p, chosen=c, rejected=rj)
+    # HH: the prompt is everything up to the last "\n\nAssistant:", the response what follows
+    k, rk = (t.rfind("\n\nAssistant:") + len("\n\nAssistant:") for t in (r["chosen"], r["rejected"]))
+    return dict(prompt=r["chosen"][:k], chosen=r["chosen"][k:].strip(), rejected=r["rejected"][rk:].strip())
 
 
 def local_jsonl(args):
@@ -322,7 +306,6 @@ def load_preferences(args):
         return usable_pairs(rows[:-n_test], "training", args), usable_pairs(rows[-n_test:], "held-out", args)
     check_dataset(args)
     import datasets
-
     try:
         ds = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.dataset_subset)
     except ValueError as e:
@@ -454,7 +437,6 @@ class RewardModel(nn.Module):
     def load(cls, folder, dtype, shared=None):
         """shared: (path, gguf_file, module) of the base model, reused when it is the reward model's frozen backbone."""
         from transformers import AutoModel
-
         if not os.path.isfile(os.path.join(folder, "vgf_reward.json")):
             raise VGFError(f"{folder!r} is not a reward model of this program (no vgf_reward.json / value_head.pt)")
         info = json.load(open(os.path.join(folder, "vgf_reward.json")))
@@ -473,7 +455,6 @@ def build_reward_model(model_path, gguf_file, lm, args, dtype):
     """A fresh R: the base model's own backbone module when it stays frozen, else a float32 copy to train (Adam on
     bfloat16 weights at lr 1e-5 loses most updates; the forward runs under bfloat16 autocast instead)."""
     from transformers import AutoModel
-
     if not args.rm_train_backbone:
         return RewardModel(lm.base_model, args.rm_pooling)
     backbone = from_pretrained(AutoModel, model_path, gguf_file=gguf_file, dtype=torch.float32)
@@ -500,7 +481,6 @@ def prompt_cache(model, embed, p_ids, p_mask):
 def cache_rows(cache, rows):
     """A fresh cache holding the prompts of `rows` (index_select copies: the stored keys and values never change)."""
     from transformers import DynamicCache
-
     return DynamicCache([(k[rows], v[rows]) for k, v in cache["kv"]])
 
 
@@ -534,10 +514,8 @@ def bradley_terry_loss(r_chosen, r_rejected):
 
 
 def encode_pairs(tok, rows, args, eos_id):
-    p = [prompt_ids(tok, r["prompt"], args) for r in rows]
-    c = [response_ids(tok, r["chosen"], args.rm_max_response_tokens, eos_id) for r in rows]
-    j = [response_ids(tok, r["rejected"], args.rm_max_response_tokens, eos_id) for r in rows]
-    return p, c, j
+    response = lambda key: [response_ids(tok, r[key], args.rm_max_response_tokens, eos_id) for r in rows]
+    return [prompt_ids(tok, r["prompt"], args) for r in rows], response("chosen"), response("rejected")
 
 
 def ids_rewards(rm, embed, p, r, pad_id, device, mb):
@@ -576,8 +554,8 @@ def train_reward_model(rm, embed, tok, train_rows, test_rows, args, device, writ
             b = order[i : i + args.rm_batch_size]
             if args.rm_train_backbone:
                 with autocast:
-                    pb, cb, jb = [p[k] for k in b], [c[k] for k in b], [j[k] for k in b]
-                    rc, rr = pair_rewards(rm, embed, pb, cb, jb, tok.pad_token_id, device, 10**9)
+                    rc, rr = pair_rewards(rm, embed, *([x[k] for k in b] for x in (p, c, j)), tok.pad_token_id, device,
+                                          10**9)
             else:
                 rc, rr = rm.head(fc[b]).squeeze(-1), rm.head(fr[b]).squeeze(-1)
             loss, acc = bradley_terry_loss(rc, rr)
@@ -898,32 +876,24 @@ class Judge:
 
     def __init__(self, spec, args, device, dtype, fallback, shared=None):
         self.kind, self.name = "fallback", spec or "transport reward model (not independent)"
-        if spec in ("vader", "afinn"):  # VADER's compound score; the sum of the AFINN-165 valences of the words
-            package = {"vader": "vaderSentiment", "afinn": "afinn"}[spec]
-            if importlib.util.find_spec(package) is None:
-                raise VGFError(f"--judge {spec} needs `pip install {package}`")
-            if spec == "vader":
-                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-                self.lexicon = lambda t, a=SentimentIntensityAnalyzer(): a.polarity_scores(t)["compound"]
-            else:
-                from afinn import Afinn
-
-                self.lexicon = lambda t, a=Afinn(): float(a.score(t))
-            self.kind = "lexicon"
+        if spec == "vader":  # VADER's compound score (check_args made sure the package is there)
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+            analyzer = SentimentIntensityAnalyzer()
+            self.kind, self.lexicon = "lexicon", lambda t: analyzer.polarity_scores(t)["compound"]
+        elif spec == "afinn":  # the sum of the AFINN-165 valences of the words
+            from afinn import Afinn
+            self.kind, self.lexicon = "lexicon", lambda t, a=Afinn(): float(a.score(t))
         elif spec and os.path.isfile(os.path.join(spec, "vgf_reward.json")):
             self.kind, self.tok = "rm", load_tokenizer(spec)
             self.rm = RewardModel.load(spec, dtype, shared)[0].to(device).eval()
             self.end = stop_tokens(self.tok, None, args.chat_template)[1]
         elif spec:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
             self.kind, self.tok = "hub", from_pretrained(AutoTokenizer, spec)
             self.model = from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype).to(device).eval()
             self.label = judge_label(self.model.config, spec)
         else:
-            self.tok, self.rm = fallback[:2]
-            self.end = fallback[2]
+            self.tok, self.rm, self.end = fallback
         self.args, self.device = args, device
 
     @torch.no_grad()
@@ -932,43 +902,29 @@ class Judge:
             return [self.lexicon(r) for r in responses]
         if self.kind == "hub":
             if self.tok.chat_template:  # a chat reward model scores the conversation in its own template
-                texts = [
-                    self.tok.apply_chat_template(to_turns(p) + [{"role": "assistant", "content": r}], tokenize=False)
-                    for p, r in zip(prompts, responses)
-                ]
+                texts = [self.tok.apply_chat_template(to_turns(p) + [{"role": "assistant", "content": r}],
+                                                      tokenize=False) for p, r in zip(prompts, responses)]
                 enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
             else:
-                texts = [prompt_text(p) for p in prompts]
-                enc = self.tok(texts, responses, return_tensors="pt", padding=True, truncation=True)
+                enc = self.tok([prompt_text(p) for p in prompts], responses, return_tensors="pt", padding=True,
+                               truncation=True)
             logits = self.model(**enc.to(self.device)).logits.float()
             if logits.shape[1] == 1:
                 return logits[:, 0].tolist()
             others = torch.cat([logits[:, : self.label], logits[:, self.label + 1 :]], 1)
             return (logits[:, self.label] - others.logsumexp(1)).tolist()  # log-odds of the positive label
-        tok = self.tok
-        p = [prompt_ids(tok, x, self.args) for x in prompts]
-        r = [response_ids(tok, y, self.args.rm_max_response_tokens, self.end) for y in responses]
-        embed = self.rm.backbone.get_input_embeddings()
-        pi, pm = pad(p, tok.pad_token_id, left=True)
-        ri, rmask = pad(r, tok.pad_token_id, left=False)
-        d = self.device
-        return rewards(self.rm, embed, pi.to(d), pm.to(d), ri.to(d), rmask.to(d), self.args.micro_batch_size).tolist()
-
-
-def run_label(a):
-    """A run's method in a plot or table: the transport and the settings that distinguish it."""
-    extra = {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}"}.get(a["transport"], "")
-    return a["transport"] + extra + (f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] == "topk" else "")
+        p = [prompt_ids(self.tok, x, self.args) for x in prompts]
+        r = [response_ids(self.tok, y, self.args.rm_max_response_tokens, self.end) for y in responses]
+        return ids_rewards(self.rm, self.rm.backbone.get_input_embeddings(), p, r, self.tok.pad_token_id, self.device,
+                           self.args.micro_batch_size).tolist()
 
 
 def plot_runs(summaries, folder):
     """judge_vs_compute.png: each judge's score of the selected response against model token-forwards per prompt
     (log x; one point per L, the best-of-N frontier in black) and against its NLL/token under mu."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     judges = [j for j in ("judge", "judge2") if all(j in s["transport"]["0"] for s in summaries)]
     fig, axes = plt.subplots(len(judges), 2, figsize=(10, 3.6 * len(judges)), squeeze=False)
     for s, label in zip(summaries, run_labels(summaries)):
@@ -1015,9 +971,11 @@ def matched_compute(summaries, folders):
 
 
 def run_labels(summaries):
-    """One legend label per run (run_label); runs that would share a label get the options that differ between them
-    added (their run names when no option differs)."""
-    base = [run_label(s["args"]) for s in summaries]
+    """One legend label per run: its transport and the settings that distinguish it; runs that would share a label
+    get the options that differ between them added (their run names when no option differs)."""
+    extra = lambda a: {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}"}.get(
+        a["transport"], f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] == "topk" else "")
+    base = [s["args"]["transport"] + extra(s["args"]) for s in summaries]
     not_options = {"run_name", "output_dir", "plot_runs", "exp_name", "track", "wandb_project_name", "wandb_entity"}
     labels = []
     for s, label in zip(summaries, base):
@@ -1028,8 +986,6 @@ def run_labels(summaries):
     return [label + (f", {s['run_name']}" if labels.count(label) > 1 else "") for s, label in zip(summaries, labels)]
 
 
-POSITIVE_LABELS = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
-
 
 def judge_label(config, spec):
     """Index of the positive class of a hub classifier: the single output of a reward head, else the label whose
@@ -1037,7 +993,8 @@ def judge_label(config, spec):
     if config.num_labels == 1:
         return 0
     names = {i: str(n).lower() for i, n in config.id2label.items()}
-    hits = [int(i) for i, n in names.items() if n in POSITIVE_LABELS]
+    positive = ("positive", "pos", "chosen", "good", "preferred", "helpful", "acceptable", "yes", "true")
+    hits = [int(i) for i, n in names.items() if n in positive]
     if len(hits) == 1:
         return hits[0]
     if config.num_labels == 2 and all(n.startswith("label_") for n in names.values()):
@@ -1057,25 +1014,14 @@ def edit_distance(a, b):
     return prev[-1]
 
 
-def win_rate(a, b):
-    """Share of prompts where a beats b (ties count half)."""
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.mean((a > b) + 0.5 * (a == b)))
-
 
 def check_args(args):
     """Nonsensical settings are refused before anything loads."""
     positive = ("num_particles", "max_new_tokens", "num_eval_prompts", "prompt_batch_size", "micro_batch_size",
-                "rm_batch_size", "rm_train_pairs", "rm_eval_pairs", "max_prompt_tokens", "num_proposals")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise VGFError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    if args.top_k < 1:
-        raise VGFError(f"--top-k must be at least 1 (got {args.top_k})")
-    if args.rm_max_response_tokens < 2:
-        raise VGFError(f"--rm-max-response-tokens must be at least 2 (got {args.rm_max_response_tokens})")
-    if args.rm_epochs < 0:
-        raise VGFError(f"--rm-epochs must be non-negative (got {args.rm_epochs})")
+                "rm_batch_size", "rm_train_pairs", "rm_eval_pairs", "max_prompt_tokens", "num_proposals", "top_k")
+    for name, low in [(name, 1) for name in positive] + [("rm_max_response_tokens", 2), ("rm_epochs", 0)]:
+        if getattr(args, name) < low:
+            raise VGFError(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
     if not 0 < args.eval_fraction < 1:
         raise VGFError(f"--eval-fraction must lie in (0, 1) (got {args.eval_fraction})")
     if not 0 <= args.seed < 2**32:
@@ -1083,9 +1029,9 @@ def check_args(args):
     for name in ("alpha", "rm_lr", "step_size"):
         if not 0 < getattr(args, name) < math.inf:
             raise VGFError(f"--{name.replace('_', '-')} must be positive and finite (got {getattr(args, name)})")
-    if args.step_size > MAX_STEP_SIZE:
-        raise VGFError(f"--step-size must be at most {MAX_STEP_SIZE:g} (got {args.step_size:g}): it is in logits "
-                       "(soft) or nearest-neighbour distances (embed), and far larger steps overflow float32")
+    if args.step_size > 1000:
+        raise VGFError(f"--step-size must be at most 1000 (got {args.step_size:g}): it is in nearest-neighbour "
+                       "distances, and far larger steps overflow float32")
     if not args.temperature >= 0 or not math.isfinite(args.lm_coef):
         raise VGFError(f"--temperature must be >= 0 and --lm-coef finite (got {args.temperature}, {args.lm_coef})")
     if not args.transport_steps or min(args.transport_steps) < 0 or 0 not in args.transport_steps:
@@ -1106,9 +1052,6 @@ def check_args(args):
     if args.transport == "mh" and args.temperature != 1:
         raise VGFError("--transport mh targets mu itself: its proposals sample at temperature 1 (pass --temperature 1)")
     check_output_dir(args)
-
-
-MAX_STEP_SIZE = 1000.0
 
 
 def check_output_dir(args):
@@ -1149,14 +1092,10 @@ def check_prompt_room(tok, args):
                        + (" or --no-chat-template" if templated else ""))
 
 
-def sync(device):
+def synced(device, out=None):
     """CUDA runs asynchronously: wait for the queued work before reading a clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def synced(device, out):
-    sync(device)
     return out
 
 
@@ -1166,11 +1105,9 @@ NEW_RUN_DIRS = []  # run folders this process created; removed again when the ru
 def remove_unfinished_run_dirs():
     """After an error or Ctrl-C: remove the run folders this process created, except those holding results or a
     trained reward model (returned)."""
-    kept = []
+    kept = [d for d in NEW_RUN_DIRS if os.path.exists(os.path.join(d, "reward_model"))]
     for d in NEW_RUN_DIRS:
-        if os.path.exists(os.path.join(d, "summary.json")) or os.path.exists(os.path.join(d, "reward_model")):
-            kept += [d] if os.path.exists(os.path.join(d, "reward_model")) else []
-        else:
+        if d not in kept and not os.path.exists(os.path.join(d, "summary.json")):
             shutil.rmtree(d, ignore_errors=True)
     return kept
 
@@ -1178,10 +1115,9 @@ def remove_unfinished_run_dirs():
 def read_summaries(folders):
     """summary.json of each --plot-runs folder."""
     runs = []
-    for d in folders:
-        path = os.path.join(d, "summary.json")
+    for path in (os.path.join(d, "summary.json") for d in folders):
         if not os.path.isfile(path):
-            raise VGFError(f"--plot-runs: no summary.json in {d}; pass finished run folders")
+            raise VGFError(f"--plot-runs: no summary.json in {os.path.dirname(path)}; pass finished run folders")
         try:
             runs.append(json.load(open(path)))
             runs[-1]["transport"]["0"], runs[-1]["args"]["transport"]  # keys the plot reads
@@ -1212,7 +1148,6 @@ def load_base_model(args, ctx):
     """Tokenizer, preference data (its problems surface before the model loads), the base model mu, the stop
     tokens and the tokens the transport may propose. Returns (train rows, held-out rows)."""
     from transformers import AutoModelForCausalLM
-
     ctx.tok = tok = load_tokenizer(ctx.model_path, ctx.gguf_file)
     check_prompt_room(tok, args)
     train_rows, test_rows = load_preferences(args)  # data problems surface before the model loads
@@ -1238,7 +1173,6 @@ def open_run_folder(args, ctx):
     ctx.run_dir = os.path.join(args.output_dir, ctx.run_name)
     if args.track:
         import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=ctx.run_name, save_code=True)
     if not os.path.exists(ctx.run_dir):
@@ -1309,7 +1243,7 @@ def reference_sampler(rows, args, ctx):
     # room to grow up to max_new_tokens (+ the stop token)
     ref_ids = F.pad(ref_ids, (0, T + 1 - ref_ids.shape[1]), value=ctx.tok.pad_token_id)
     r_mask = F.pad(r_mask, (0, T + 1 - r_mask.shape[1]))
-    sync(ctx.device)
+    synced(ctx.device)
     return SimpleNamespace(B=B, p_ids=p_ids, p_mask=p_mask, ref_ids=ref_ids, r_mask=r_mask,
                            t_sample=time.time() - t0, forwards=fwd)
 
@@ -1448,9 +1382,10 @@ def summarise(records, steps, args, ctx):
         v = [r["vgf"][str(L)] for r in records]
         res = compare(v, bon, judges)
         res["kl_estimate_se"] = se([x["kl_estimate"] for x in v])
-        res["win_rate_vs_best_of_n"] = win_rate([x["judge"] for x in v], [x["judge"] for x in bon])
-        res["win_rate_vs_sample"] = win_rate([x["judge"] for x in v], [r["judge_sample"] for r in records])
-        res["win_rate_vs_chosen"] = win_rate([x["judge"] for x in v], [r["judge_chosen"] for r in records])
+        judge = np.array([x["judge"] for x in v])
+        for key, other in (("best_of_n", [x["judge"] for x in bon]), ("sample", [r["judge_sample"] for r in records]),
+                           ("chosen", [r["judge_chosen"] for r in records])):  # share of prompts won, ties half
+            res[f"win_rate_vs_{key}"] = float(np.mean((judge > other) + 0.5 * (judge == np.array(other))))
         results[str(L)] = res
         for k, val in res.items():
             if not isinstance(val, list):
