@@ -138,7 +138,6 @@ class VGFError(Exception):
     """A problem with the user's input or files, reported as `error: ...` (exit 2) without a traceback."""
 
 
-
 def looks_local(name: str):
     """A path rather than a hub id (`org/name`): absolute, relative, home-based, nested, or a data/model file."""
     files = (".gguf", ".jsonl", ".json", ".parquet", ".csv", ".txt")
@@ -146,11 +145,20 @@ def looks_local(name: str):
 
 
 def resolve_model(name: str, gguf_file: Optional[str]):
+    """(path, gguf_file) of --model; a local one must be a folder with config.json (save_pretrained, `hf download`)
+    or GGUF weights."""
     if name.endswith(".gguf") and os.path.isfile(name):
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     if not os.path.exists(name) and looks_local(name):
         raise VGFError(f"--model {name}: no such file or folder")
-    check_model_path(name, gguf_file)
+    if os.path.isfile(name):
+        raise VGFError(f"--model {name} is a file but not a .gguf model; pass a model folder (config.json and "
+                       "weights), a .gguf file or a hub id")
+    if os.path.isdir(name) and not gguf_file and not os.path.isfile(os.path.join(name, "config.json")):
+        ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
+        hint = f"; for its GGUF weights add --gguf-file {ggufs[0]}" if ggufs else ""
+        raise VGFError(f"--model {name}: the folder holds no config.json, so it is not a model folder{hint}. Pass a "
+                       "folder written by save_pretrained or `hf download`, a .gguf file or a hub id")
     if gguf_file and os.path.isdir(name) and not os.path.isfile(os.path.join(name, gguf_file)):
         raise VGFError(f"--gguf-file {gguf_file}: not found in the --model folder {name}")
     if not os.path.exists(name) and "/" not in name:
@@ -160,18 +168,6 @@ def resolve_model(name: str, gguf_file: Optional[str]):
             raise VGFError(f"--model {name!r}: not a folder and not a hub id; pass `org/name` or a local folder")
         name = prefix + name
     return name, gguf_file
-
-
-def check_model_path(name: str, gguf_file: Optional[str]):
-    """A local --model must be a model: a folder with config.json (save_pretrained, `hf download`) or GGUF weights."""
-    if os.path.isfile(name):
-        raise VGFError(f"--model {name} is a file but not a .gguf model; pass a model folder (config.json and "
-                       "weights), a .gguf file or a hub id")
-    if os.path.isdir(name) and not gguf_file and not os.path.isfile(os.path.join(name, "config.json")):
-        ggufs = sorted(f for f in os.listdir(name) if f.endswith(".gguf"))
-        hint = f"; for its GGUF weights add --gguf-file {ggufs[0]}" if ggufs else ""
-        raise VGFError(f"--model {name}: the folder holds no config.json, so it is not a model folder{hint}. Pass a "
-                       "folder written by save_pretrained or `hf download`, a .gguf file or a hub id")
 
 
 def from_pretrained(cls, name, **kw):
@@ -239,7 +235,6 @@ def read_jsonl(path):
     if len(rows) < 2:
         raise VGFError(f"{path}: needs at least 2 preference rows, found {len(rows)}")
     return rows
-
 
 
 def as_text(x):
@@ -986,7 +981,6 @@ def run_labels(summaries):
     return [label + (f", {s['run_name']}" if labels.count(label) > 1 else "") for s, label in zip(summaries, labels)]
 
 
-
 def judge_label(config, spec):
     """Index of the positive class of a hub classifier: the single output of a reward head, else the label whose
     id2label name reads positive (logit 0 of a 2-label classifier is usually the negative class)."""
@@ -1012,7 +1006,6 @@ def edit_distance(a, b):
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
         prev = cur
     return prev[-1]
-
 
 
 def check_args(args):
@@ -1365,35 +1358,30 @@ def se(x):
 
 def compare(entries, bon, judges):
     """Means of entries (one dict per prompt) and, per judge and for NLL, the paired difference to best-of-N."""
-    names = dict(nll="nll_per_token", changed="tokens_changed", seconds="seconds_per_prompt", forwards="forwards_per_prompt")
+    names = dict(nll="nll_per_token", changed="tokens_changed", seconds="seconds_per_prompt",
+                 forwards="forwards_per_prompt")
     out = {names.get(k, k): float(np.mean([e[k] for e in entries])) for k in entries[0] if k != "text"}
     for j in judges + ["nll"]:
-        x, diff = np.array([e[j] for e in entries]), np.array([e[j] for e in entries]) - np.array([e[j] for e in bon])
+        x, diff = np.array([e[j] for e in entries]), np.array([e[j] - b[j] for e, b in zip(entries, bon)])
         out.update({f"{j}_se": se(x), f"{j}_diff_vs_best_of_n": float(diff.mean()), f"{j}_diff_se": se(diff),
                     f"{j}_better_worse_vs_best_of_n": [int((diff > 0).sum()), int((diff < 0).sum())]})
     return out
 
 
 def summarise(records, steps, args, ctx):
-    judges = [name for name, _ in ctx.judges]
-    bon = [r["vgf"]["0"] for r in records]
-    results = {}
+    judges, bon, results = [name for name, _ in ctx.judges], [r["vgf"]["0"] for r in records], {}
     for L in steps:
         v = [r["vgf"][str(L)] for r in records]
-        res = compare(v, bon, judges)
-        res["kl_estimate_se"] = se([x["kl_estimate"] for x in v])
+        res = results[str(L)] = dict(compare(v, bon, judges), kl_estimate_se=se([x["kl_estimate"] for x in v]))
         judge = np.array([x["judge"] for x in v])
         for key, other in (("best_of_n", [x["judge"] for x in bon]), ("sample", [r["judge_sample"] for r in records]),
                            ("chosen", [r["judge_chosen"] for r in records])):  # share of prompts won, ties half
             res[f"win_rate_vs_{key}"] = float(np.mean((judge > other) + 0.5 * (judge == np.array(other))))
-        results[str(L)] = res
         for k, val in res.items():
             if not isinstance(val, list):
                 ctx.writer.add_scalar(f"eval/{k}", val, L)
-    frontier = {}
-    for m in args.best_of_n:
-        res = compare([r["best_of_n"][str(m)] for r in records], bon, judges)
-        frontier[str(m)] = dict(res, kl_bound=math.log(m) - (m - 1) / m)  # KL(best-of-m || mu) <= log m - (m-1)/m
+    frontier = {str(m): dict(compare([r["best_of_n"][str(m)] for r in records], bon, judges),
+                             kl_bound=math.log(m) - (m - 1) / m) for m in args.best_of_n}  # KL(best-of-m || mu) bound
     plain = lambda key: dict(**{j: float(np.mean([r[f"{j}_{key}"] for r in records])) for j in judges},
                              **{f"{j}_se": se([r[f"{j}_{key}"] for r in records]) for j in judges},
                              nll_per_token=float(np.mean([r[f"nll_{key}"] for r in records])))
