@@ -145,8 +145,7 @@ def looks_local(name: str):
 
 
 def resolve_model(name: str, gguf_file: Optional[str]):
-    """(path, gguf_file) of --model; a local one must be a folder with config.json (save_pretrained, `hf download`)
-    or GGUF weights."""
+    """(path, gguf_file) of --model; a local one must be a folder with config.json (or pass GGUF weights)."""
     if name.endswith(".gguf") and os.path.isfile(name):
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     if not os.path.exists(name) and looks_local(name):
@@ -210,12 +209,8 @@ def stop_tokens(tok, generation_config, chat_template):
     """Ids that end a response (EOS of tokenizer and generation config; when templated, the template's end-of-turn
     token, e.g. `<|im_end|>` beside `<|endoftext|>`) and the id that closes responses (end of turn when templated)."""
     ids = {tok.eos_token_id} | set(np.atleast_1d(getattr(generation_config, "eos_token_id", None) or []).tolist())
-    end = tok.eos_token_id
     eot = end_of_turn(tok) if chat_template and tok.chat_template else None
-    if eot is not None:
-        ids.add(eot)
-        end = eot
-    return sorted(i for i in ids if i is not None), end
+    return sorted(i for i in ids | {eot} if i is not None), tok.eos_token_id if eot is None else eot
 
 
 def read_jsonl(path):
@@ -236,10 +231,6 @@ def read_jsonl(path):
         raise VGFError(f"{path}: needs at least 2 preference rows, found {len(rows)}")
     return rows
 
-
-def as_text(x):
-    """A response: a string, or conversational messages (their contents joined)."""
-    return x if isinstance(x, str) else "\n".join(m["content"] for m in x)
 
 
 def to_turns(prompt):
@@ -262,15 +253,16 @@ def prompt_text(prompt):
 
 
 def preference_row(r):
-    """One (prompt, chosen, rejected) from the schemas of HH (chosen/rejected transcripts), TRL preference data
-    (prompt/chosen/rejected, strings or messages; or implicit-prompt messages) and summarize_from_feedback."""
-    if "prompt" in r:
+    """One (prompt, chosen, rejected) from HH, TRL preference data (also messages) or summarize_from_feedback rows."""
+    if "prompt" in r:  # a response: a string, or conversational messages (their contents joined)
+        as_text = lambda x: x if isinstance(x, str) else "\n".join(m["content"] for m in x)
         return dict(prompt=r["prompt"], chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"]))
     if "summaries" in r:  # the post in the TL;DR layout of trl-lib/tldr-preference
         k, texts, info = int(r["choice"]), [x["text"] for x in r["summaries"]], r["info"]
         head = f"SUBREDDIT: r/{info['subreddit']}\n" if info.get("subreddit") else ""
-        prompt = f"{head}TITLE: {info.get('title') or ''}\nPOST: {info.get('post') or info.get('article') or ''}\nTL;DR:"
-        return dict(prompt=prompt, chosen=texts[k], rejected=texts[1 - k])
+        body = info.get("post") or info.get("article") or ""
+        return dict(prompt=f"{head}TITLE: {info.get('title') or ''}\nPOST: {body}\nTL;DR:", chosen=texts[k],
+                    rejected=texts[1 - k])
     if not isinstance(r["chosen"], str):  # implicit prompt: the shared messages before the last one
         return dict(prompt=r["chosen"][:-1], chosen=r["chosen"][-1]["content"], rejected=r["rejected"][-1]["content"])
     # HH: the prompt is everything up to the last "\n\nAssistant:", the response what follows
@@ -278,28 +270,25 @@ def preference_row(r):
     return dict(prompt=r["chosen"][:k], chosen=r["chosen"][k:].strip(), rejected=r["rejected"][rk:].strip())
 
 
-def local_jsonl(args):
-    return os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config
-
-
 def check_dataset(args):
-    """Fails before any model loads when --dataset names a local file or folder that is not there."""
+    """Fails before any model loads when --dataset names a missing file or folder; True for a local JSONL."""
     if not os.path.exists(args.dataset) and looks_local(args.dataset):
         raise VGFError(f"--dataset {args.dataset}: no such file or folder (pass a JSONL, a dataset folder or a hub id)")
-    if not local_jsonl(args) and importlib.util.find_spec("datasets") is None:
+    local = os.path.isfile(args.dataset) and args.dataset.endswith((".jsonl", ".json")) and not args.dataset_config
+    if not local and importlib.util.find_spec("datasets") is None:
         raise VGFError(f"--dataset {args.dataset}: hub datasets need the `datasets` package (`pip install datasets`)")
+    return local
 
 
 def load_preferences(args):
     """(train rows, held-out rows). A local JSONL holds out its last lines; hub data is shuffled with --seed."""
-    if local_jsonl(args):
+    if check_dataset(args):
         try:
             rows = read_jsonl(args.dataset)
         except UnicodeDecodeError:
             raise VGFError(f"--dataset {args.dataset}: not a text JSONL file") from None
         n_test = max(1, int(len(rows) * args.eval_fraction))
         return usable_pairs(rows[:-n_test], "training", args), usable_pairs(rows[-n_test:], "held-out", args)
-    check_dataset(args)
     import datasets
     try:
         ds = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.dataset_subset)
@@ -406,8 +395,8 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, inputs_embeds, attention_mask, num_response, past_key_values=None):
-        """R from the hidden state at the last attended position (or the mean over the response's num_response
-        positions), padding masked; with past_key_values (the prompt's cache), inputs_embeds is the response only."""
+        """R from the last attended position's hidden state (or the response's mean); with past_key_values (the
+        prompt's cache), inputs_embeds holds the response only."""
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         h = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                           past_key_values=past_key_values, use_cache=past_key_values is not None).last_hidden_state
@@ -447,8 +436,7 @@ class RewardModel(nn.Module):
 
 
 def build_reward_model(model_path, gguf_file, lm, args, dtype):
-    """A fresh R: the base model's own backbone module when it stays frozen, else a float32 copy to train (Adam on
-    bfloat16 weights at lr 1e-5 loses most updates; the forward runs under bfloat16 autocast instead)."""
+    """A fresh R: the frozen base backbone itself, or a float32 copy to train (bf16 Adam would lose most updates)."""
     from transformers import AutoModel
     if not args.rm_train_backbone:
         return RewardModel(lm.base_model, args.rm_pooling)
@@ -486,8 +474,7 @@ def chunked(fn, n, size, *tensors):
 
 
 def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False, cache=None, rows=None):
-    """R(x, y) for token ids or response embeddings r_emb (with dR/dr_emb when grad); with cache (`prompt_cache` of
-    rm.backbone) and rows (each sequence's index into it), only the response is run."""
+    """R(x, y) of token ids or embeddings r_emb (dR/dr_emb too when grad); with cache and rows, responses only."""
     dtype = embed.weight.dtype
 
     def one(pi, pm, ri, rm_, re, rw):
@@ -587,8 +574,7 @@ def evaluate_reward_model(rm, embed, tok, rows, args, device, eos_id, standardis
 # ALGO LOGIC: reference sampler mu (sampling up to a length limit, then truncation after the first stop token)
 @torch.no_grad()
 def sample_responses(lm, p_ids, p_mask, num_new, temperature, stop_ids):
-    """Autoregressive sampling with a KV cache (position ids from the left-padded mask; last-position prefill logits)
-    until every sequence holds a stop token; the (num_new-wide) output is filled with a stop token from there on."""
+    """Sampling with a KV cache until every sequence holds a stop token; stop tokens fill the rest of num_new."""
     mask, pos = p_mask, (p_mask.cumsum(1) - 1).clamp(min=0)
     out = lm(input_ids=p_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     tokens, done = [], torch.zeros(len(p_ids), dtype=torch.bool, device=p_ids.device)
@@ -607,8 +593,7 @@ def sample_responses(lm, p_ids, p_mask, num_new, temperature, stop_ids):
 
 
 def truncate_at_eos(tokens, eos_ids, pad_id, eos_id):
-    """Keep tokens through the first stop token (the rest: masked padding; all-padding columns dropped); a response
-    that hit the length limit gets eos_id appended, as the reward model's training responses end."""
+    """Tokens through the first stop token, the rest masked padding; one that hit the limit gets eos_id appended."""
     tokens = torch.cat([tokens, torch.full_like(tokens[:, :1], eos_id)], 1)
     keep = through_first_stop(tokens, eos_ids)
     width = int(keep.sum(1).max())
@@ -623,8 +608,7 @@ def through_first_stop(tokens, eos_ids):
 
 @torch.no_grad()
 def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0, cache=None, rows=None):
-    """log mu(y_t | x, y_<t) per response token, the top-k allowed next tokens at each position and their log mu;
-    with cache (`prompt_cache` of lm) and rows, only the response is run."""
+    """log mu(y_t | x, y_<t), the top-k allowed next tokens and their log mu; with cache and rows, responses only."""
     T, dtype = r_ids.shape[1], embed.weight.dtype
     if cache is None:
         x, m = joint_embeds(embed, p_ids, p_mask, embed(r_ids), r_mask)
@@ -714,10 +698,9 @@ def end_at_eos(ids, ends, eos_ids, eos_id):
 # ALGO LOGIC: transport. Particle spaces over one SVGD direction (embed, topk) and the MH chain (mh)
 def transport(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, embed_table, allowed, args,
               eos_ids=None, eos_id=None, spacing=None, trace=None, suffix_fn=None, cost=None):
-    """Moves the N reference particles (B*N, T) of each prompt for max(steps) steps in the space of --transport;
-    snapshots at every L in steps, and after every step into `trace`. reward_fn(ids, emb, grad) -> R [, dR/demb];
-    logprob_fn(ids, emb, top_k, grad) -> (log mu per token, top-k next tokens, their log mu, d log mu / demb);
-    suffix_fn (mh), cost() -> token-forwards so far. With eos_ids lengths change; without, `movable` positions move."""
+    """Moves the N reference particles (B*N, T) of each prompt for max(steps) steps; snapshots at every L in steps
+    (and every step into `trace`). reward_fn(ids, emb, grad) -> R [, dR/demb]; logprob_fn(ids, emb, top_k, grad) ->
+    (log mu per token, top-k next tokens, their log mu, d log mu / demb). Without eos_ids only `movable` moves."""
     cost = cost or (lambda: 0)
     if args.transport == "mh":
         return mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, embed_table, args, trace, cost)
@@ -745,9 +728,8 @@ def movable_now(movable, ends, eos_ids, T):
 
 def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
                spacing, trace, cost):
-    """The configuration a third-party summary of the paper describes: particles = the response's token embeddings
-    u, moved by Adam(lr = ε · spacing / √d) on −phi, phi the SVGD direction of the score ∇R/α only. Each position
-    decodes to the nearest allowed token, for scoring only (the particles themselves are never projected)."""
+    """The paper's configuration as a third-party summary describes it: token embeddings u moved by Adam(lr = ε ·
+    spacing / √d) on −phi (SVGD of ∇R/α), decoded to the nearest allowed tokens only for scoring."""
     T, t0, snaps, ids, ends = ref_ids.shape[1], time.time(), {}, ref_ids.clone(), r_mask.sum(1) - 1
     live = lambda: r_mask if eos_ids is None else torch.arange(T, device=ids.device) <= ends[:, None]
     R, lp = reward_fn(ids, None, False), logprob_fn(ids, None, 0, False)[0]
@@ -769,9 +751,8 @@ def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table,
 
 def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
                 spacing, trace, cost):
-    """Baseline (a search): ranks the single-token swaps to mu's top-k tokens by the gain (E_v − u_t)·phi_t along
-    the SVGD direction, re-scores the best --num-proposals exactly and keeps the best if it raises R/α + lm_coef log
-    mu. Rejected moves are remembered until the particle moves."""
+    """Baseline search: re-scores the --num-proposals top-k swaps of largest gain (E_v − u_t)·phi_t and keeps the
+    best if it raises R/α + lm_coef log mu; rejected moves are remembered until the particle moves."""
     (BN, T), k, t0, snaps, ids, ends = ref_ids.shape, args.top_k, time.time(), {}, ref_ids.clone(), r_mask.sum(1) - 1
     live = lambda: r_mask if eos_ids is None else torch.arange(T, device=ids.device) <= ends[:, None]
     R = reward_fn(ids, None, False)
@@ -915,8 +896,7 @@ class Judge:
 
 
 def plot_runs(summaries, folder):
-    """judge_vs_compute.png: each judge's score of the selected response against model token-forwards per prompt
-    (log x; one point per L, the best-of-N frontier in black) and against its NLL/token under mu."""
+    """judge_vs_compute.png: each judge's score against token-forwards per prompt (log x) and against NLL/token."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -944,9 +924,8 @@ def plot_runs(summaries, folder):
 
 
 def matched_compute(summaries, folders):
-    """--plot-runs: every L > 0 of every run against the best-of-n of the frontier run (the one with --best-of-n)
-    with the fewest token-forwards per prompt at or above the run's: paired differences over prompts ± their SE.
-    summaries: read_summaries(folders); the per-prompt records come from each folder's samples.jsonl."""
+    """--plot-runs: every L > 0 of every run against the frontier run's best-of-n with the fewest token-forwards at
+    or above the run's: paired differences over prompts (each folder's samples.jsonl) ± their SE."""
     runs = [(s, [json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))]) for s, d in zip(summaries, folders)]
     fs, fr = next(((s, r) for s, r in runs if s.get("best_of_n")), (None, None))
     if fs is None:
@@ -966,8 +945,7 @@ def matched_compute(summaries, folders):
 
 
 def run_labels(summaries):
-    """One legend label per run: its transport and the settings that distinguish it; runs that would share a label
-    get the options that differ between them added (their run names when no option differs)."""
+    """A label per run: transport and settings, plus the options (else run names) that tell apart equal labels."""
     extra = lambda a: {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}"}.get(
         a["transport"], f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] == "topk" else "")
     base = [s["args"]["transport"] + extra(s["args"]) for s in summaries]
@@ -1034,12 +1012,11 @@ def check_args(args):
         raise VGFError(f"--reward-model {args.reward_model}: not a reward-model folder of this program "
                        "(no vgf_reward.json)")
     for name, j in (("judge", args.judge), ("judge2", args.judge2)):
-        if j and j not in ("vader", "afinn") and not os.path.exists(j) and looks_local(j):
+        package = {"vader": "vaderSentiment", "afinn": "afinn"}.get(j)
+        if j and not package and not os.path.exists(j) and looks_local(j):
             raise VGFError(f"--{name} {j}: no such folder")
-        if j == "vader" and importlib.util.find_spec("vaderSentiment") is None:
-            raise VGFError(f"--{name} vader needs the vaderSentiment package: `pip install vaderSentiment`")
-        if j == "afinn" and importlib.util.find_spec("afinn") is None:
-            raise VGFError(f"--{name} afinn needs the afinn package: `pip install afinn`")
+        if package and importlib.util.find_spec(package) is None:
+            raise VGFError(f"--{name} {j} needs the {package} package: `pip install {package}`")
     if any(not 1 <= b <= args.num_particles for b in args.best_of_n):
         raise VGFError(f"--best-of-n needs values in 1..--num-particles ({args.num_particles}); got {args.best_of_n}")
     if args.transport == "mh" and args.temperature != 1:
@@ -1048,8 +1025,7 @@ def check_args(args):
 
 
 def check_output_dir(args):
-    """--output-dir must be (or can become) a writable folder, and an explicit --run-name must not name a folder that
-    already holds files: two runs never share one (events, summary and reward model would mix or be overwritten)."""
+    """--output-dir must be (or can become) a writable folder; an explicit --run-name must not name a used folder."""
     run_dir = os.path.join(args.output_dir, args.run_name) if args.run_name else args.output_dir
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise VGFError(f"--output-dir / --run-name: {run_dir} is a file, not a folder; pass another")
@@ -1096,8 +1072,7 @@ NEW_RUN_DIRS = []  # run folders this process created; removed again when the ru
 
 
 def remove_unfinished_run_dirs():
-    """After an error or Ctrl-C: remove the run folders this process created, except those holding results or a
-    trained reward model (returned)."""
+    """After an error or Ctrl-C: remove the new run folders without results or a trained reward model (returned)."""
     kept = [d for d in NEW_RUN_DIRS if os.path.exists(os.path.join(d, "reward_model"))]
     for d in NEW_RUN_DIRS:
         if d not in kept and not os.path.exists(os.path.join(d, "summary.json")):
@@ -1120,7 +1095,9 @@ def read_summaries(folders):
 
 
 def setup(args):
-    """Device (one process), the model's path, seeding and dtype."""
+    """Device (one process), seeding, dtype, tokenizer, preference data, the base model mu, stop tokens and the
+    tokens the transport may propose. Returns (ctx, train rows, held-out rows)."""
+    from transformers import AutoModelForCausalLM
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VGFError("data-parallel evaluation over several processes (accelerate launch, torchrun) is not "
                        "provided: run `python vgf_llm.py ...` as one process")
@@ -1134,13 +1111,6 @@ def setup(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     ctx.bf16 = args.bf16 and ctx.device.type == "cuda"
     ctx.dtype = torch.bfloat16 if ctx.bf16 else torch.float32
-    return ctx
-
-
-def load_base_model(args, ctx):
-    """Tokenizer, preference data (its problems surface before the model loads), the base model mu, the stop
-    tokens and the tokens the transport may propose. Returns (train rows, held-out rows)."""
-    from transformers import AutoModelForCausalLM
     ctx.tok = tok = load_tokenizer(ctx.model_path, ctx.gguf_file)
     check_prompt_room(tok, args)
     train_rows, test_rows = load_preferences(args)  # data problems surface before the model loads
@@ -1156,7 +1126,7 @@ def load_base_model(args, ctx):
     ctx.allowed[ctx.end_id] = True  # the stop token is a position like any other: lengths change
     ctx.base = (ctx.model_path, ctx.gguf_file, lm.base_model)  # the backbone module, shared by a frozen reward model
     ctx.spacing = table_spacing(embed.weight.detach(), ctx.allowed) if args.transport == "embed" else None
-    return train_rows, test_rows
+    return ctx, train_rows, test_rows
 
 
 def open_run_folder(args, ctx):
@@ -1205,15 +1175,6 @@ def value_learning(args, ctx, train_rows, test_rows):
                   for name, spec in (("judge", args.judge), ("judge2", args.judge2)) if name == "judge" or spec]
 
 
-def prompt_batches(test_rows, args):
-    """The first --num-eval-prompts distinct held-out prompts, --prompt-batch-size at a time."""
-    seen, rows = set(), []
-    for r in test_rows:
-        key = json.dumps(r["prompt"])  # conversational prompts are lists of messages
-        if key not in seen and len(rows) < args.num_eval_prompts:
-            seen.add(key), rows.append(r)
-    return [rows[i : i + args.prompt_batch_size] for i in range(0, len(rows), args.prompt_batch_size)]
-
 
 def sample_counted(ctx, p_ids, p_mask, num_new, temperature, mb):
     """sample_responses in micro-batches; also the token-forwards run (the prompts' prefill + one per step)."""
@@ -1242,8 +1203,8 @@ def reference_sampler(rows, args, ctx):
 
 
 def model_fns(batch, args, ctx, tally):
-    """reward_fn, logprob_fn and suffix_fn of the transport on one prompt batch, over the prompts' KV cache; each
-    adds the token-forwards it runs to tally[0] (a backward counts 2; NLL-only passes are evaluation, not counted)."""
+    """reward_fn, logprob_fn and suffix_fn over the prompts' KV cache; each adds the token-forwards it runs to
+    tally[0] (a backward counts 2; NLL-only passes are evaluation, not counted)."""
     lm, rm, embed, eos_ids, mb = ctx.lm, ctx.rm, ctx.embed, ctx.eos_ids, args.micro_batch_size
     p_ids, p_mask, B = batch.p_ids, batch.p_mask, batch.B
     rm_cache, lm_cache = prompt_cache(rm.backbone, embed, p_ids, p_mask), prompt_cache(lm, embed, p_ids, p_mask)
@@ -1269,7 +1230,8 @@ def model_fns(batch, args, ctx, tally):
     def suffix_fn(ids, t, v):  # y'_<t = y_<t, y'_t = v, y'_>t ~ mu(. | x, y_<t, v) to a stop token or the budget
         W, (pi, pm, _, _) = ids.shape[1], expand(ids)
         heads = [ids[i, : t[i]].tolist() + [int(v[i])] for i in range(len(ids))]
-        ctx_ids, ctx_mask = pad([p[m.bool()].tolist() + h for p, m, h in zip(pi, pm, heads)], ctx.tok.pad_token_id, True)
+        seqs = [p[m.bool()].tolist() + h for p, m, h in zip(pi, pm, heads)]  # prompt without padding + y_<t, v
+        ctx_ids, ctx_mask = pad(seqs, ctx.tok.pad_token_id, True)
         num_new = W - 2 - int(t.min())
         gen, fwd = sample_counted(ctx, ctx_ids.to(ids.device), ctx_mask.to(ids.device), max(num_new, 1), 1.0, mb)
         tally[0] += fwd
@@ -1280,31 +1242,22 @@ def model_fns(batch, args, ctx, tally):
     return reward_fn, logprob_fn, suffix_fn
 
 
-def run_transport(batch, steps, args, ctx):
-    """One transport of max(L) steps on a prompt batch, snapshotted at each L (time: sampling + steps up to L)."""
-    tally, trace = [batch.forwards], [] if args.save_trajectories else None
-    reward_fn, logprob_fn, suffix_fn = model_fns(batch, args, ctx, tally)
-    snaps = transport(batch.ref_ids, batch.r_mask, None, args.num_particles, steps, reward_fn, logprob_fn,
-                      ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids, eos_id=ctx.end_id,
-                      spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
-    return snaps, trace
-
 
 # Evaluation: judges, NLL, compute and the KL estimate per prompt; aggregated with paired standard errors
 def evaluate_batch(rows, batch, snaps, steps, args, ctx):
-    """Per prompt: the plain sample (particle 0), the dataset's chosen response, and at every L the particle with
-    the highest R (VGF's selection; L = 0 is best-of-N) and one chosen uniformly (a draw of the chains, for the KL
-    estimate E[R]/α − log Z with log Z = log mean exp(R/α) over mu's N samples); --best-of-n prefixes."""
+    """Per prompt: the sample (particle 0), the chosen response, at every L the particle of highest R (L = 0:
+    best-of-N) and a uniform one (KL estimate E[R]/α − log Z, log Z = log mean exp(R/α) over mu's N); best-of-n."""
     tok, B, n, eos, ref = ctx.tok, batch.B, args.num_particles, ctx.eos_ids, snaps[0]
     chosen = [response_ids(tok, r["chosen"], args.rm_max_response_tokens, ctx.end_id) for r in rows]
     ch_ids, ch_mask = (x.to(ctx.device) for x in pad(chosen, tok.pad_token_id, left=False))
     ch_lp = token_logprobs(ctx.lm, ctx.embed, batch.p_ids, batch.p_mask, ch_ids, ch_mask, ctx.allowed,
                            args.micro_batch_size)[0].sum(1) / ch_mask.sum(1)
-    text_of = lambda x, m: tok.decode(x[m.bool() & ~torch.isin(x, eos)], skip_special_tokens=True)
+    words = lambda snap, i: snap[0][i][snap[4][i].bool() & ~torch.isin(snap[0][i], eos)]  # no padding, no stop
+    text_of = lambda snap, i: tok.decode(words(snap, i), skip_special_tokens=True)
+    nll_of = lambda snap, i: (-snap[2][i] / snap[4][i].sum()).item()
     prompts, single = [r["prompt"] for r in rows], torch.arange(B, device=ctx.device) * n
     judged = lambda texts: {name: judge(prompts, texts) for name, judge in ctx.judges}
-    nll_of = lambda snap, i: (-snap[2][i] / snap[4][i].sum()).item()
-    recs = [dict(prompt=r["prompt"], chosen=r["chosen"], sample=text_of(ref[0][i], ref[4][i]), nll_sample=nll_of(ref, i),
+    recs = [dict(prompt=r["prompt"], chosen=r["chosen"], sample=text_of(ref, i), nll_sample=nll_of(ref, i),
                  nll_chosen=-ch_lp[b].item(), vgf={}, best_of_n={}) for b, (r, i) in enumerate(zip(rows, single))]
     for key, texts in (("sample", [r["sample"] for r in recs]), ("chosen", [r["chosen"] for r in rows])):
         for name, scores in judged(texts).items():
@@ -1314,24 +1267,21 @@ def evaluate_batch(rows, batch, snaps, steps, args, ctx):
     uniform = torch.randint(n, (B,), generator=ctx.draws).to(ctx.device) + single
     live_ref = torch.where(ref[4].bool(), ref[0], -1)
     for L in steps:
-        snap = snaps[L]
-        best, ids, R, nll, mask = select(snap, n)
+        snap, best = snaps[L], select(snaps[L], n)[0]
         moved = (torch.where(snap[4].bool(), snap[0], -1) != live_ref).any(1).view(B, n).float().mean(1)
-        texts = [text_of(x, m) for x, m in zip(ids, mask)]
+        texts = [text_of(snap, i) for i in best]
         scores = judged(texts)
-        for b in range(B):
-            before = ref[0][best[b]][ref[4][best[b]].bool() & ~torch.isin(ref[0][best[b]], eos)].tolist()
-            after = ids[b][mask[b].bool() & ~torch.isin(ids[b], eos)].tolist()
+        for b, i in enumerate(best):
+            before, after, u = words(ref, i).tolist(), words(snap, i).tolist(), snap[1][uniform[b]]
             ed = edit_distance(before, after)
             recs[b]["vgf"][str(L)] = dict(
-                text=texts[b], reward=R[b].item(), nll=nll[b].item(), edit_distance=ed,
+                text=texts[b], reward=snap[1][i].item(), nll=nll_of(snap, i), edit_distance=ed,
                 changed=ed / max(1, len(before)), length=len(after), particles_moved=moved[b].item(),
-                seconds=(batch.t_sample + snap[3]) / B, forwards=snap[5]["forwards"] / B,
-                uniform_reward=snap[1][uniform[b]].item(), kl_estimate=(snap[1][uniform[b]] / args.alpha - log_z[b]).item(),
-                **{name: x[b] for name, x in scores.items()})
+                seconds=(batch.t_sample + snap[3]) / B, forwards=snap[5]["forwards"] / B, uniform_reward=u.item(),
+                kl_estimate=(u / args.alpha - log_z[b]).item(), **{name: x[b] for name, x in scores.items()})
     for m in args.best_of_n:  # the first m samples: the frontier of one draw (compute: sampling and scoring m/N)
         best = ref[1].view(B, n)[:, :m].argmax(1) + single
-        scores = judged([text_of(ref[0][i], ref[4][i]) for i in best])
+        scores = judged([text_of(ref, i) for i in best])
         for b, i in enumerate(best):
             recs[b]["best_of_n"][str(m)] = dict(
                 reward=ref[1][i].item(), nll=nll_of(ref, i), seconds=(batch.t_sample + ref[3]) / B * m / n,
@@ -1343,13 +1293,13 @@ def evaluate_batch(rows, batch, snaps, steps, args, ctx):
 
 def trajectory_rows(rows, trace, args, ctx):
     """Every particle after every step: text, R, NLL/token (--save-trajectories)."""
-    out, n, eos = [], args.num_particles, ctx.eos_ids
+    n, eos = args.num_particles, ctx.eos_ids
     text_of = lambda x, m: ctx.tok.decode(x[m.bool() & ~torch.isin(x, eos)], skip_special_tokens=True)
-    for b, row in enumerate(rows):
-        parts = [[dict(step=t, text=text_of(s[0][i], s[4][i]), reward=s[1][i].item(), nll=(-s[2][i] / s[4][i].sum()).item())
-                  for t, s in enumerate(trace)] for i in range(b * n, (b + 1) * n)]
-        out.append(dict(prompt=row["prompt"], transport=args.transport, particles=parts))
-    return out
+    step = lambda t, s, i: dict(step=t, text=text_of(s[0][i], s[4][i]), reward=s[1][i].item(),
+                                nll=(-s[2][i] / s[4][i].sum()).item())
+    return [dict(prompt=row["prompt"], transport=args.transport,
+                 particles=[[step(t, s, i) for t, s in enumerate(trace)] for i in range(b * n, (b + 1) * n)])
+            for b, row in enumerate(rows)]
 
 
 def se(x):
@@ -1426,17 +1376,25 @@ def report(summary, records, trajectories, steps, args, ctx):
 def main(args):
     check_args(args)
     steps = sorted(set(args.transport_steps))
-    ctx = setup(args)
-    train_rows, test_rows = load_base_model(args, ctx)
+    ctx, train_rows, test_rows = setup(args)
     open_run_folder(args, ctx)
     value_learning(args, ctx, train_rows, test_rows)
+    first = {}  # the first --num-eval-prompts distinct held-out prompts (conversational ones are lists of messages)
+    for r in test_rows:
+        first.setdefault(json.dumps(r["prompt"]), r)
+    prompts, size = list(first.values())[: args.num_eval_prompts], args.prompt_batch_size
+    batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     records, trajectories = [], []
     ctx.draws = torch.Generator().manual_seed(args.seed)  # the uniformly chosen particle per prompt
-    batches = prompt_batches(test_rows, args)
     for k, rows in enumerate(batches):
         torch.manual_seed(args.seed + (k << 32))  # the same reference samples whatever the transport draws (mh)
         batch = reference_sampler(rows, args, ctx)  # reference sampler mu: N responses per prompt
-        snaps, trace = run_transport(batch, steps, args, ctx)  # transport: the particles, L = 0..max(L)
+        tally, trace = [batch.forwards], [] if args.save_trajectories else None  # token-forwards, per-step particles
+        reward_fn, logprob_fn, suffix_fn = model_fns(batch, args, ctx, tally)
+        # transport: one flow of max(L) steps, snapshotted at each L (time: sampling + steps up to L)
+        snaps = transport(batch.ref_ids, batch.r_mask, None, args.num_particles, steps, reward_fn, logprob_fn,
+                          ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids, eos_id=ctx.end_id,
+                          spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
         records += evaluate_batch(rows, batch, snaps, steps, args, ctx)  # evaluation of each L
         if trace is not None:
             trajectories += trajectory_rows(rows, trace, args, ctx)
