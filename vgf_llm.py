@@ -388,10 +388,8 @@ def pad(seqs, value, left, length=None):
 class RewardModel(nn.Module):
     def __init__(self, backbone, pooling="last"):
         super().__init__()
-        self.backbone, self.pooling = backbone, pooling
-        hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
+        self.backbone, self.pooling, self.head = backbone, pooling, nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(self.head.in_features + 1))
         nn.init.zeros_(self.head.bias)
 
     def forward(self, inputs_embeds, attention_mask, num_response, past_key_values=None):
@@ -426,10 +424,9 @@ class RewardModel(nn.Module):
         info = json.load(open(os.path.join(folder, "vgf_reward.json")))
         ref = info.get("backbone") or {"path": folder, "gguf_file": None}
         norm = lambda p: os.path.abspath(p) if os.path.exists(p) else p  # the same weights: same path and GGUF file
-        if shared is not None and (norm(ref["path"]), ref["gguf_file"]) == (norm(shared[0]), shared[1]):
-            backbone = shared[2]
-        else:
-            backbone = from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"], dtype=dtype)
+        same = shared is not None and (norm(ref["path"]), ref["gguf_file"]) == (norm(shared[0]), shared[1])
+        backbone = shared[2] if same else from_pretrained(AutoModel, ref["path"], gguf_file=ref["gguf_file"],
+                                                          dtype=dtype)
         rm = cls(backbone, info.get("pooling", "last"))
         rm.head.load_state_dict(torch.load(os.path.join(folder, "value_head.pt"), map_location="cpu"))
         return rm, info
@@ -453,18 +450,15 @@ def joint_embeds(embed, p_ids, p_mask, r_emb, r_mask):
 @torch.no_grad()
 def prompt_cache(model, embed, p_ids, p_mask):
     """Keys and values of the fixed prompts (and the logits after them), once per prompt batch for all particles."""
+    from transformers import DynamicCache
     kw = dict(logits_to_keep=1) if model.get_output_embeddings() is not None else {}
     pos = (p_mask.cumsum(1) - 1).clamp(min=0)
     out = model(inputs_embeds=embed(p_ids), attention_mask=p_mask, position_ids=pos, use_cache=True, **kw)
     pkv = out.past_key_values
     kv = [(x.keys, x.values) for x in pkv.layers] if hasattr(pkv, "layers") else [tuple(x[:2]) for x in pkv]
-    return dict(kv=kv, logits=out.logits[:, -1].float() if kw else None)
-
-
-def cache_rows(cache, rows):
-    """A fresh cache holding the prompts of `rows` (index_select copies: the stored keys and values never change)."""
-    from transformers import DynamicCache
-    return DynamicCache([(k[rows], v[rows]) for k, v in cache["kv"]])
+    # rows(r): a fresh cache holding the prompts of rows r (index_select copies: the stored ones never change)
+    rows = lambda r: DynamicCache([(k[r], v[r]) for k, v in kv])
+    return dict(kv=kv, logits=out.logits[:, -1].float() if kw else None, rows=rows)
 
 
 def chunked(fn, n, size, *tensors):
@@ -483,7 +477,7 @@ def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False,
             if cache is None:
                 r = rm(*joint_embeds(embed, pi, pm, re, rm_), rm_.shape[1])
             else:
-                r = rm(re, torch.cat([pm, rm_], 1), rm_.shape[1], past_key_values=cache_rows(cache, rw))
+                r = rm(re, torch.cat([pm, rm_], 1), rm_.shape[1], past_key_values=cache["rows"](rw))
         return (r.detach(), torch.autograd.grad(r.sum(), re)[0].float()) if grad else r
 
     rows = torch.zeros(len(r_ids), dtype=torch.long, device=r_ids.device) if rows is None else rows
@@ -621,7 +615,7 @@ def response_logprobs(lm, embed, p_ids, p_mask, r_ids, r_mask, allowed, top_k=0,
             m = torch.cat([p_mask, r_mask[:, :-1]], 1)
             pos = (m.cumsum(1) - 1).clamp(min=0)[:, -(T - 1) :]
             out = lm(inputs_embeds=embed(r_ids[:, :-1]).to(dtype), attention_mask=m, position_ids=pos,
-                     past_key_values=cache_rows(cache, rows), use_cache=True)
+                     past_key_values=cache["rows"](rows), use_cache=True)
             logits = torch.cat([logits, out.logits.float()], 1)
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
@@ -669,8 +663,7 @@ def nearest_tokens(u, table, allowed, chunk=4096):
 def table_spacing(table, allowed, sample=2048, chunk=256):
     """Median distance from an allowed token's embedding to its nearest allowed neighbour (the embed step's unit)."""
     idx = allowed[: len(table)].nonzero().flatten()
-    g = torch.Generator().manual_seed(0)
-    pick = idx[torch.randperm(len(idx), generator=g)[:sample].to(idx.device)]
+    pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:sample].to(idx.device)]
     t, near = table.float(), []
     sq = t[idx].pow(2).sum(-1)
     for i in range(0, len(pick), chunk):
@@ -720,10 +713,8 @@ def snapshot(snaps, trace, steps, step, ids, R, lp, t0, live, cost, **info):
 
 def movable_now(movable, ends, eos_ids, T):
     """Positions that may change: `movable` at fixed length; else the live ones (stop token too) before the last."""
-    if eos_ids is None:
-        return movable.bool()
     pos = torch.arange(T, device=ends.device)
-    return (pos <= ends[:, None]) & (pos < T - 1)
+    return movable.bool() if eos_ids is None else (pos <= ends[:, None]) & (pos < T - 1)
 
 
 def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table, allowed, args, eos_ids, eos_id,
@@ -738,7 +729,6 @@ def embed_flow(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table,
     opt = torch.optim.Adam([u], lr=args.step_size * (spacing or table_spacing(table, allowed)) / math.sqrt(u.shape[-1]))
     for step in range(1, max(steps) + 1):
         mov, x = movable_now(movable, ends, eos_ids, T), u.detach()
-        opt.zero_grad()
         u.grad = -particle_direction(x, reward_fn(ids, x, True)[1] / args.alpha, mov, n)
         opt.step()
         ids = torch.where(mov, nearest_tokens(u.detach(), table, allowed), ids)
@@ -755,8 +745,7 @@ def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table
     best if it raises R/α + lm_coef log mu; rejected moves are remembered until the particle moves."""
     (BN, T), k, t0, snaps, ids, ends = ref_ids.shape, args.top_k, time.time(), {}, ref_ids.clone(), r_mask.sum(1) - 1
     live = lambda: r_mask if eos_ids is None else torch.arange(T, device=ids.device) <= ends[:, None]
-    R = reward_fn(ids, None, False)
-    lp, cand, _, _ = logprob_fn(ids, None, k if max(steps) else 0, False)
+    R, (lp, cand, _, _) = reward_fn(ids, None, False), logprob_fn(ids, None, k if max(steps) else 0, False)
     snapshot(snaps, trace, steps, 0, ids, R, lp, t0, live(), cost)
     tried = torch.zeros_like(cand, dtype=torch.bool) if max(steps) else None
     J = lambda r, logp: r / args.alpha + args.lm_coef * logp.sum(1)  # log pi* = R / alpha + lm_coef log mu (+ const)
@@ -773,8 +762,7 @@ def topk_search(ref_ids, r_mask, movable, n, steps, reward_fn, logprob_fn, table
         prop_ends = ends.repeat_interleave(m, 0)
         if eos_ids is not None:
             prop, prop_ends = end_at_eos(prop, prop_ends, eos_ids, eos_id)
-        Rp = reward_fn(prop, None, False)
-        lpp, candp, _, _ = logprob_fn(prop, None, k, False)
+        Rp, (lpp, candp, _, _) = reward_fn(prop, None, False), logprob_fn(prop, None, k, False)
         Jp = J(Rp, lpp).masked_fill(~torch.isfinite(best.values.flatten()), -torch.inf).view(BN, m)
         jbest, arg = Jp.max(1)
         accept = jbest > J(R, lp)
@@ -807,8 +795,7 @@ def mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, table
     mu(y'_>t|y_<t, v), every mu factor of π* ∝ mu e^{R/α} cancels in π*(y') Q(y'→y) / [π*(y) Q(y→y')]. The reverse
     move picks the same t (y'_<t = y_<t), so detailed balance holds for each t; it is impossible (rejected) when
     y_t ∉ C_t. Width W = budget + forced stop. hastings=False keeps only (R' − R)/α (exact only for τ = κ = 0)."""
-    BN, W = ref_ids.shape
-    tau, kappa, k, t0 = args.mh_tau, args.mh_kappa, args.top_k, time.time()
+    (BN, W), tau, kappa, k, t0 = ref_ids.shape, args.mh_tau, args.mh_kappa, args.top_k, time.time()
     ids, ends, table, snaps = ref_ids.clone(), r_mask.sum(1) - 1, table.float(), {}
     rows, pos = torch.arange(BN, device=ids.device), torch.arange(W, device=ids.device)
     R, g = reward_fn(ids, table[ids], True) if max(steps) else (reward_fn(ids, None, False), None)
@@ -820,8 +807,7 @@ def mh_transport(ref_ids, r_mask, steps, reward_fn, logprob_fn, suffix_fn, table
             t = torch.multinomial(log_q.exp(), 1)[:, 0]
             j = torch.multinomial((cand_lp + tau * delta)[rows, t].softmax(-1), 1)[:, 0]
             prop, prop_ends = suffix_fn(ids, t, cand[rows, t, j])
-            Rp, gp = reward_fn(prop, table[prop], True)
-            lpp, candp, candp_lp, _ = logprob_fn(prop, None, k, False)
+            (Rp, gp), (lpp, candp, candp_lp, _) = reward_fn(prop, table[prop], True), logprob_fn(prop, None, k, False)
             dp, log_qp, log_zp = mh_terms(prop, prop_ends, gp, candp, candp_lp, table, tau, kappa)
             back = candp[rows, t] == ids[rows, t, None]  # y_t among the reverse move's candidates
             log_a = (Rp - R) / args.alpha
@@ -1027,8 +1013,6 @@ def check_args(args):
 def check_output_dir(args):
     """--output-dir must be (or can become) a writable folder; an explicit --run-name must not name a used folder."""
     run_dir = os.path.join(args.output_dir, args.run_name) if args.run_name else args.output_dir
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise VGFError(f"--output-dir / --run-name: {run_dir} is a file, not a folder; pass another")
     if args.run_name and os.path.isdir(run_dir) and os.listdir(run_dir):
         reuse = os.path.join(run_dir, "reward_model")
         hint = f" (reuse its reward model with --reward-model {reuse})" if os.path.isdir(reuse) else ""
@@ -1047,13 +1031,10 @@ def check_output_dir(args):
 def check_prompt_room(tok, args):
     """--max-prompt-tokens must leave room for the prompt's own text next to the tokens the template always adds."""
     templated = args.chat_template and tok.chat_template
-    if templated:
-        try:
-            fixed = len(template(tok, [{"role": "user", "content": ""}]))
-        except Exception:  # a template that rejects an empty turn: prompt_ids applies it to the real prompts
-            return
-    else:
-        fixed = len(tok("", add_special_tokens=True)["input_ids"])
+    try:
+        fixed = len(template(tok, [{"role": "user", "content": ""}]) if templated else tok("")["input_ids"])
+    except Exception:  # a template that rejects an empty turn: prompt_ids applies it to the real prompts
+        return
     if args.max_prompt_tokens <= fixed:
         what = "the chat template alone takes" if templated else "the special tokens take"
         raise VGFError(f"--max-prompt-tokens {args.max_prompt_tokens} leaves no room for the prompt's text: {what} "
@@ -1354,8 +1335,7 @@ def report(summary, records, trajectories, steps, args, ctx):
     for label, x in rows:
         line = f"{label:<14}" + "".join(f"{x[j]:>8.3f}±{x[f'{j}_se']:.3f}" + (
             f"{x[f'{j}_diff_vs_best_of_n']:>+10.3f}±{x[f'{j}_diff_se']:.3f}" if f"{j}_diff_se" in x else " " * 16)
-            for j in js)
-        line += f"{x['nll_per_token']:>9.2f}"
+            for j in js) + f"{x['nll_per_token']:>9.2f}"
         if "forwards_per_prompt" in x:
             kl = x.get("kl_estimate", x.get("kl_bound"))
             line += (f"{kl:>8.2f}{x.get('tokens_changed', 0):>9.2f}{x.get('length', 0):>8.1f}"
@@ -1398,9 +1378,8 @@ def main(args):
         records += evaluate_batch(rows, batch, snaps, steps, args, ctx)  # evaluation of each L
         if trace is not None:
             trajectories += trajectory_rows(rows, trace, args, ctx)
-        means = ", ".join(f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-len(rows):]]):.3f}"
-                          for L in steps)
-        print(f"prompt batch {k + 1}/{len(batches)}: {means}")
+        print(f"prompt batch {k + 1}/{len(batches)}: " + ", ".join(
+            f"L={L} judge {np.mean([r['vgf'][str(L)]['judge'] for r in records[-len(rows):]]):.3f}" for L in steps))
     report(summarise(records, steps, args, ctx), records, trajectories, steps, args, ctx)
     ctx.writer.close()
     return ctx.run_dir
