@@ -469,10 +469,9 @@ def chunked(fn, n, size, *tensors):
 
 def rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, mb, r_emb=None, grad=False, cache=None, rows=None):
     """R(x, y) of token ids or embeddings r_emb (dR/dr_emb too when grad); with cache and rows, responses only."""
-    dtype = embed.weight.dtype
 
     def one(pi, pm, ri, rm_, re, rw):
-        re = embed(ri) if re is None else re.detach().to(dtype).requires_grad_(grad)  # (R trains through the head)
+        re = embed(ri) if re is None else re.detach().to(embed.weight.dtype).requires_grad_(grad)
         with torch.enable_grad() if grad else contextlib.nullcontext():
             if cache is None:
                 r = rm(*joint_embeds(embed, pi, pm, re, rm_), rm_.shape[1])
@@ -1365,16 +1364,18 @@ def main(args):
     prompts, size = list(first.values())[: args.num_eval_prompts], args.prompt_batch_size
     batches = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     records, trajectories = [], []
+    torch.manual_seed(args.seed)  # the reference sampler's stream, the same whatever the transport draws
     ctx.draws = torch.Generator().manual_seed(args.seed)  # the uniformly chosen particle per prompt
     for k, rows in enumerate(batches):
-        torch.manual_seed(args.seed + (k << 32))  # the same reference samples whatever the transport draws (mh)
         batch = reference_sampler(rows, args, ctx)  # reference sampler mu: N responses per prompt
         tally, trace = [batch.forwards], [] if args.save_trajectories else None  # token-forwards, per-step particles
         reward_fn, logprob_fn, suffix_fn = model_fns(batch, args, ctx, tally)
-        # transport: one flow of max(L) steps, snapshotted at each L (time: sampling + steps up to L)
-        snaps = transport(batch.ref_ids, batch.r_mask, None, args.num_particles, steps, reward_fn, logprob_fn,
-                          ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids, eos_id=ctx.end_id,
-                          spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
+        # transport: one flow of max(L) steps, snapshotted at each L; its draws (mh) on a stream of their own
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            torch.manual_seed(args.seed + ((k + 1) << 32))
+            snaps = transport(batch.ref_ids, batch.r_mask, None, args.num_particles, steps, reward_fn, logprob_fn,
+                              ctx.embed.weight.detach(), ctx.allowed, args, eos_ids=ctx.eos_ids, eos_id=ctx.end_id,
+                              spacing=ctx.spacing, trace=trace, suffix_fn=suffix_fn, cost=lambda: tally[0])
         records += evaluate_batch(rows, batch, snaps, steps, args, ctx)  # evaluation of each L
         if trace is not None:
             trajectories += trajectory_rows(rows, trace, args, ctx)
