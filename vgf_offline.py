@@ -301,24 +301,15 @@ def given_options(argv: List[str]) -> set:
 
 def check_run_folder(run_dir: str, continues_step: Optional[int] = None):
     """Two runs never share a folder (their eval.jsonl and events would merge into one curve). --resume may continue
-    in the checkpoint's own folder (continues_step: the checkpoint's step) unless it holds evaluations past that
-    step. The folder's nearest existing parent must be a writable folder."""
+    in the checkpoint's own folder (continues_step: the checkpoint's step). The folder's nearest existing parent must
+    be a writable folder."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise VGFError(f"the run folder {run_dir} is a file; pass another --run-name or --output-dir")
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         if continues_step is None:
             raise VGFError(f"{run_dir} already holds a run; pass another --run-name (or --output-dir), or delete it "
                            f"(--resume PATH continues a run in its own folder)")
-        eval_path, steps = os.path.join(run_dir, "eval.jsonl"), []
-        if os.path.isfile(eval_path):
-            try:
-                steps = [json.loads(line)["step"] for line in open(eval_path) if line.strip()]
-            except (ValueError, KeyError, TypeError):
-                raise VGFError(f"{eval_path} is not a list of evaluations; pass --run-name NEW to continue in a new "
-                               "folder") from None
-        if steps and max(steps) > continues_step:
-            raise VGFError(f"{run_dir} holds evaluations up to step {max(steps)}, past the checkpoint's step "
-                           f"{continues_step}; pass --run-name NEW to continue this checkpoint in a new folder")
+        read_evaluations(run_dir)
     folder = os.path.abspath(run_dir)
     while not os.path.isdir(folder):
         if os.path.exists(folder):
@@ -326,6 +317,31 @@ def check_run_folder(run_dir: str, continues_step: Optional[int] = None):
         folder = os.path.dirname(folder)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise VGFError(f"--output-dir: cannot write into {folder} (permission denied); pass a writable --output-dir")
+
+
+def read_evaluations(run_dir: str) -> List[Dict]:
+    eval_path = os.path.join(run_dir, "eval.jsonl")
+    if not os.path.isfile(eval_path):
+        return []
+    try:
+        rows = [json.loads(line) for line in open(eval_path) if line.strip()]
+        [int(row["step"]) for row in rows]
+    except (ValueError, KeyError, TypeError):
+        raise VGFError(f"{eval_path} is not a list of evaluations; pass --run-name NEW to continue in a new "
+                       "folder") from None
+    return rows
+
+
+def drop_evaluations_past(run_dir: str, step: int):
+    """A run stopped between an evaluation and its checkpoint (e.g. a preempted job) resumes from the previous
+    checkpoint: the evaluations of the lost updates are dropped and repeated, so the curve has no duplicates."""
+    rows = read_evaluations(run_dir)
+    kept = [row for row in rows if row["step"] <= step]
+    if len(kept) < len(rows):
+        with open(os.path.join(run_dir, "eval.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        print(f"note: dropped {len(rows) - len(kept)} evaluation rows past the checkpoint's step {step} from "
+              f"{run_dir}/eval.jsonl (they are repeated as training continues)")
 
 
 def download(url: str, path: str, where_hint: str):
@@ -1487,6 +1503,8 @@ def main(args: Args, explicit: Optional[set] = None):
     run_dir = os.path.join(args.output_dir, run_name)
     own_folder = args.resume and run_name == state["args"]["run_name"]
     check_run_folder(run_dir, state["step"] if own_folder else None)
+    if own_folder and os.path.isdir(run_dir):
+        drop_evaluations_past(run_dir, state["step"])
 
     # TRY NOT TO MODIFY: seeding, device and threads
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

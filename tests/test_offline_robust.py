@@ -379,7 +379,13 @@ def test_resume_folder_rules(tmp_path):
     with pytest.raises(vgf.VGFError, match="already holds a run"):
         vgf.check_run_folder(str(run))
     vgf.check_run_folder(str(run), continues_step=20)  # --resume of its own last checkpoint continues in place
-    with pytest.raises(vgf.VGFError, match="holds evaluations up to step 20, past the checkpoint's step 10"):
+    vgf.drop_evaluations_past(str(run), 20)
+    assert [r["step"] for r in vgf.read_evaluations(str(run))] == [10, 20]
+    vgf.check_run_folder(str(run), continues_step=10)  # stopped between the evaluation at 20 and its checkpoint
+    vgf.drop_evaluations_past(str(run), 10)
+    assert [r["step"] for r in vgf.read_evaluations(str(run))] == [10]
+    (run / "eval.jsonl").write_text("not json\n")
+    with pytest.raises(vgf.VGFError, match="is not a list of evaluations"):
         vgf.check_run_folder(str(run), continues_step=10)
 
 
@@ -406,8 +412,11 @@ def test_resume_says_where_it_starts_and_that_a_finished_run_is_finished(finishe
     proc = run_script("--resume", str(ckpt), "--no-cuda")
     assert f"{ckpt} holds a finished run: step 2 of 2" in proc.stdout and "compiling" not in proc.stdout
     assert ckpt.read_bytes() == before
+    with open(finished_run / "r" / "eval.jsonl", "a") as f:  # as if stopped between an evaluation and its checkpoint
+        f.write(json.dumps(dict(step=3, L_test=0)) + "\n")
     proc = run_script("--resume", str(ckpt), "--total-steps", "3", "--no-cuda")
     assert f"resuming from step 2 of 3 ({ckpt})" in proc.stdout
+    assert "dropped 1 evaluation rows past the checkpoint's step 2" in proc.stdout
     steps = [json.loads(line)["step"] for line in open(finished_run / "r" / "eval.jsonl")]
     assert steps == [2, 3]  # continued in its own folder
 
