@@ -1048,13 +1048,14 @@ def synced(device, out=None):
     return out
 
 
-NEW_RUN_DIRS = []  # run folders this process created; removed again when the run fails before writing results
+NEW_RUN_DIRS = []  # (run folder, its writer) this process created; removed when the run fails before results
 
 
 def remove_unfinished_run_dirs():
     """After an error or Ctrl-C: remove the new run folders without results or a trained reward model (returned)."""
-    kept = [d for d in NEW_RUN_DIRS if os.path.exists(os.path.join(d, "reward_model"))]
-    for d in NEW_RUN_DIRS:
+    kept = [d for d, _ in NEW_RUN_DIRS if os.path.exists(os.path.join(d, "reward_model"))]
+    for d, writer in NEW_RUN_DIRS:
+        writer.close()  # its thread creates the events file lazily: it would land in a folder being removed
         if d not in kept and not os.path.exists(os.path.join(d, "summary.json")):
             shutil.rmtree(d, ignore_errors=True)
     return kept
@@ -1118,9 +1119,9 @@ def open_run_folder(args, ctx):
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=ctx.run_name, save_code=True)
-    if not os.path.exists(ctx.run_dir):
-        NEW_RUN_DIRS.append(ctx.run_dir)
+    new = not os.path.exists(ctx.run_dir)
     ctx.writer = SummaryWriter(ctx.run_dir)
+    NEW_RUN_DIRS.extend([(ctx.run_dir, ctx.writer)] * new)
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     ctx.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % table)
 
