@@ -320,12 +320,15 @@ def check_run_folder(run_dir: str, continues_step: Optional[int] = None):
 
 
 def read_evaluations(run_dir: str) -> List[Dict]:
+    """The rows of run_dir/eval.jsonl (none if it does not exist yet), each checked to name its update step."""
     eval_path = os.path.join(run_dir, "eval.jsonl")
     if not os.path.isfile(eval_path):
         return []
     try:
-        rows = [json.loads(line) for line in open(eval_path) if line.strip()]
-        [int(row["step"]) for row in rows]
+        with open(eval_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        for row in rows:
+            int(row["step"])
     except (ValueError, KeyError, TypeError):
         raise VGFError(f"{eval_path} is not a list of evaluations; pass --run-name NEW to continue in a new "
                        "folder") from None
@@ -1330,8 +1333,7 @@ def write_plots(run_dir: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(run_dir, "eval.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_evaluations(run_dir)
     if not rows:
         return
     label = "success rate (%)" if rows[0]["metric"] == "success_rate_percent" else "D4RL normalised score"
