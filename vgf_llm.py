@@ -933,7 +933,7 @@ def run_labels(summaries):
     """A label per run: transport and settings, plus the options (else run names) that tell apart equal labels."""
     extra = lambda a: {"mh": f" τ {a['mh_tau']:g} κ {a['mh_kappa']:g}", "embed": f" ε {a['step_size']:g}"}.get(
         a["transport"], f", lm_coef {a['lm_coef']:g}" if a["lm_coef"] and a["transport"] == "topk" else "")
-    base = [s["args"]["transport"] + extra(s["args"]) for s in summaries]
+    base = [s["args"]["transport"] + extra(s["args"]) if len(s["transport"]) > 1 else "best-of-N" for s in summaries]
     not_options = {"run_name", "output_dir", "plot_runs", "exp_name", "track", "wandb_project_name", "wandb_entity"}
     labels = []
     for s, label in zip(summaries, base):

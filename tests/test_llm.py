@@ -651,6 +651,8 @@ def test_plot_runs_labels_and_the_left_label_fits(tmp_path, monkeypatch):
     labels = vgf_llm.run_labels([summary_of("a", seed=1), summary_of("b", seed=2), summary_of("c", seed=2)])
     assert labels == ["embed ε 1, seed 1", "embed ε 1, seed 2, b", "embed ε 1, seed 2, c"]
     assert vgf_llm.run_labels([summary_of("a"), summary_of("b")]) == ["embed ε 1, a", "embed ε 1, b"]
+    frontier = dict(summary_of("bon", num_particles=64), transport={"0": summary_of("x")["transport"]["0"]})
+    assert vgf_llm.run_labels([frontier, summary_of("a")]) == ["best-of-N", "embed ε 1"]  # not told apart by options
     import matplotlib.figure
 
     boxes, save = [], matplotlib.figure.Figure.savefig
