@@ -35,43 +35,15 @@ SETTINGS = {  # name -> (obs_dim, act_dim, hidden_dims, batch, particles, flow_s
     "cube-single-2x256": (28, 5, [256] * 2, 256, 10, 10, 3),
     "quick": (11, 3, [32, 32], 32, 4, 3, 2),
 }
-OPTIONS = {  # name -> Args overrides; options with a CUDA-only or CPU-only part are skipped on the other device.
-    # Exact float32 unless the name says bf16 (reduced precision, CPU) or tf32 (CUDA).
-    "eager": dict(fused_adam=False, tf32=False, compile=False),
-    "eager+fused": dict(fused_adam=True, tf32=False, compile=False),
-    "compile-parts+fused": dict(fused_adam=True, tf32=False, compile=False),
+OPTIONS = {  # name -> Args overrides; options with a CUDA-only part are skipped on the CPU. Exact float32 unless the
+    # name says tf32 (CUDA)
+    "eager": dict(tf32=False, compile=False),
     "compile": dict(tf32=False, compile=True),
-    "eager+fused+bf16": dict(fused_adam=True, tf32=False, cpu_bf16_matmul=True, compile=False),
-    "compile+bf16": dict(tf32=False, cpu_bf16_matmul=True, compile=True),
-    "eager+fused+tf32": dict(fused_adam=True, tf32=True, compile=False),
-    "compile-parts+fused+tf32": dict(fused_adam=True, tf32=True, compile=False),
+    "eager+tf32": dict(tf32=True, compile=False),
     "compile+tf32": dict(tf32=True, compile=True),
-    "cudagraphs+tf32": dict(tf32=True, compile=False, cudagraphs=True),
     "compile+cudagraphs+tf32": dict(tf32=True, compile=True, cudagraphs=True),
 }
-DEVICE_ONLY = {"tf32": "cuda", "cudagraphs": "cuda", "bf16": "cpu"}
-
-
-def compiled_parts_update(vgf, agent):
-    """The update as --compile did before the whole update was one function (for comparison only): torch.compile of
-    the TD target and of the losses (forward and backward), eager backward call, Polyak update and Adam steps (VGF,
-    not --amortised)."""
-    td_target, losses_fn = vgf.torch.compile(vgf.td_target), vgf.torch.compile(agent.forward)
-
-    def update(batch):
-        target = td_target(agent.critic, agent.target_critic, agent.flow, batch, agent.args, agent.score_net)
-        losses = losses_fn(batch, target)
-        for opt in agent.opts:
-            opt.zero_grad(set_to_none=True)
-        sum(losses).backward()
-        with vgf.torch.no_grad():
-            vgf.torch._foreach_lerp_(list(agent.target_critic.parameters()), list(agent.critic.parameters()),
-                                     agent.args.tau)
-        for opt in agent.opts:
-            opt.step()
-        return vgf.update_metrics(losses, target)
-
-    return update
+DEVICE_ONLY = {"tf32": "cuda", "cudagraphs": "cuda"}
 
 
 def update_flops(obs_dim, act_dim, hidden, batch, particles, flow_steps, transport_steps):
@@ -100,16 +72,16 @@ def make_update(setting, option, device):
                                                train_transport_steps=L, **OPTIONS[option]))
     dev = torch.device(device)
     agent = vgf.Agent(obs_dim, act_dim, args).to(dev)
-    update = compiled_parts_update(vgf, agent) if option.startswith("compile-parts") else agent.update
     size = 100_000
     data = {"observations": torch.randn(size, obs_dim, device=dev),
             "actions": torch.rand(size, act_dim, device=dev) * 2 - 1, "rewards": torch.randn(size, device=dev),
             "next_observations": torch.randn(size, obs_dim, device=dev), "masks": torch.ones(size, device=dev)}
 
     def step():
-        vgf.set_matmul_precision(args)  # global switches: set for this option (options share a process)
+        if device == "cuda":  # a global switch: set for this option (options share a process)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         idx = torch.randint(0, size, (batch,), device=dev)
-        return update({key: v[idx] for key, v in data.items()})
+        return agent.update({key: v[idx] for key, v in data.items()})
 
     return agent, step
 
@@ -279,7 +251,7 @@ def main():
         print(json.dumps(run_one(**json.loads(args.one))))
         return
     if args.quick:
-        args.settings, args.options, args.iters, args.warmup = ["quick"], ["eager", "eager+fused"], 5, 1
+        args.settings, args.options, args.iters, args.warmup = ["quick"], ["eager"], 5, 1
     import torch
 
     if args.threads:

@@ -104,8 +104,7 @@ def step_quantities(agent, args, batch):
     """Reference samples, transported particles, TD target and the losses from the agent's current weights."""
     b, n = batch["rewards"].shape[0], args.num_particles
     next_obs = batch["next_observations"]
-    reference = vgf.sample_reference(agent.flow, next_obs.repeat_interleave(n, 0), args.bc_flow_steps,
-                                     noise=batch["target_x0"]).view(b, n, -1)
+    reference = vgf.sample_reference(agent.flow, next_obs, n, args.bc_flow_steps, noise=batch["target_x0"])
     if args.amortised:
         particles = vgf.amortised_transport(agent.score_net, next_obs, reference, args.train_transport_steps,
                                             args.transport_step_size, per_state_clip=False)
@@ -113,7 +112,7 @@ def step_quantities(agent, args, batch):
         particles = vgf.transport(lambda o, x: agent.critic(o, x).mean(0), next_obs, reference,
                                   args.train_transport_steps, args.transport_step_size, args.alpha,
                                   args.fixed_bandwidth)
-    target = vgf.td_target(agent.critic, agent.target_critic, agent.flow, batch, args, agent.score_net)
+    target = vgf.td_target(agent, batch)
     with torch.no_grad():
         out = dict(reference=reference, particles=particles, td_target=target,
                    critic_loss=vgf.critic_loss_fn(agent.critic, target, batch),
@@ -134,8 +133,7 @@ def test_float64_matches_the_official_update_and_acting(gold, name):
     if f"{name}/act/x0" in gold:
         obs = torch.as_tensor(gold[f"{name}/act/observations"])
         for steps in range(4):
-            actions = vgf.act(agent.flow, agent.critic, obs, args, steps, score_net=agent.score_net,
-                              noise=torch.as_tensor(gold[f"{name}/act/x0"]))
+            actions = vgf.act(agent, obs, steps, noise=torch.as_tensor(gold[f"{name}/act/x0"]))
             errors[f"act L={steps}"] = max_err(actions, gold[f"{name}/act/L{steps}"])
     # five updates; before each, every intermediate quantity from the same weights and noise
     tol = {}
@@ -171,14 +169,16 @@ def updates(gold, name, dtype, **overrides):
     """Five updates through Agent.update: max abs error of the losses and of the weights after one and five updates
     against the official float64 values, and the weights."""
     agent, args = make_agent(gold, name, dtype=dtype, **overrides)
-    if dtype == torch.float64:  # whole_update's Adam bias corrections 1 - beta^t come from the step counts, float32
-        agent.prepare_optimisers()  # tensors as torch.optim.Adam keeps them (off by 1e-5 relative for 1 - 0.999):
-        for opt in agent.opts:  # float64 counts make them exact (eager torch.optim.Adam computes them in float64)
-            for state in opt.state.values():
-                state["step"] = state["step"].to(torch.float64)
     loss_err, param_err = 0.0, 0.0
     for k in range(1, 6):
-        metrics = agent.update(batch_of(gold, name, k, dtype))
+        # compiled, torch.optim.Adam takes its bias corrections 1 - beta^t from its step-count tensors, which are float32
+        # (off by 1e-5 relative for 1 - 0.999) unless the default dtype is float64 when they are created
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            metrics = agent.update(batch_of(gold, name, k, dtype))
+        finally:
+            torch.set_default_dtype(default_dtype)
         loss_err = max(loss_err, abs(metrics["losses/critic_loss"].item() - gold[f"{name}/update{k}/critic_loss"]),
                        abs(metrics["losses/bc_flow_loss"].item() - gold[f"{name}/update{k}/bc_loss"]))
         if args.amortised:
@@ -197,7 +197,7 @@ def test_float32_matches_the_official_float64_update(gold, name):
 
 
 def compiled_updates(gold, name, dtype, capsys):
-    """updates() through --compile (torch.compile of whole_update), checking that it really ran compiled."""
+    """updates() through --compile (torch.compile of the update), checking that it really ran compiled."""
     torch._dynamo.reset()
     try:
         out = updates(gold, name, dtype, compile=True)
@@ -208,7 +208,7 @@ def compiled_updates(gold, name, dtype, capsys):
 
 
 def test_compiled_float32_update_matches_eager_and_the_official_update(gold, capsys):
-    """--compile (torch.compile of the whole update): about 3 minutes of compilation on a busy 2-core CPU with a cold
+    """--compile (torch.compile of the update): about 3 minutes of compilation on a busy 2-core CPU with a cold
     inductor cache (20 s with a warm one), the rest < 10 s."""
     loss_err, param_err, compiled = compiled_updates(gold, "vgf", torch.float32, capsys)
     _, _, eager = updates(gold, "vgf", torch.float32)
@@ -222,8 +222,8 @@ def test_compiled_float32_update_matches_eager_and_the_official_update(gold, cap
 
 
 def test_compiled_float64_amortised_update_matches_the_official_update(gold, capsys):
-    """The amortised variant through --compile, in float64: whole_update's own code (gradients by torch.func, the
-    global-norm clipping of every optimiser, the Polyak update, Adam) against the official values to 1e-12, where
+    """The amortised variant through --compile, in float64: the compiled update (the gradients, the global-norm
+    clipping of every optimiser, the Polyak update, torch.optim.Adam) against the official values to 1e-12, where
     float32 rounding would hide a changed Polyak rate or a dropped clipping (Adam is nearly invariant to the scale of
     its gradients). About 2 minutes of compilation with a cold inductor cache, 20 s with a warm one."""
     loss_err, param_err, _ = compiled_updates(gold, "avgf", torch.float64, capsys)
@@ -235,8 +235,7 @@ def closest_pair(agent, args, batch):
     (identical particles, e.g. clipped to the same corner, have no repulsion in either implementation)."""
     b, n = batch["rewards"].shape[0], args.num_particles
     next_obs = batch["next_observations"]
-    reference = vgf.sample_reference(agent.flow, next_obs.repeat_interleave(n, 0), args.bc_flow_steps,
-                                     noise=batch["target_x0"]).view(b, n, -1)
+    reference = vgf.sample_reference(agent.flow, next_obs, n, args.bc_flow_steps, noise=batch["target_x0"])
     q_fn = lambda o, x: agent.critic(o, x).mean(0)  # noqa: E731
     dist = math.inf
     for steps in range(args.train_transport_steps):  # each transport restarts its Adam: its first `steps` steps

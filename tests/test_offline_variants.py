@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import vgf_offline as vgf
@@ -14,8 +15,9 @@ def test_offline_to_online_appends_transitions_and_logs_episodes(ogbench_dir, tm
                "--online-warmup", "50", "--eval-every", "0", "--eval-episodes", "1", "--eval-transport-steps", "0",
                "--save-model")
     state = torch.load(tmp_path / "o2o" / "checkpoint.pt", weights_only=False)
-    online = state["online_transitions"]
-    assert state["step"] == 270 and len(online["rewards"]) == 250
+    online, offline_rows = state["replay_buffer"]["data"], 4 * 39  # the fixture: 4 episodes of 40 steps
+    assert state["step"] == 270 and len(online["rewards"]) == 250 and state["replay_buffer"]["added"] == 250
+    assert state["replay_buffer"]["rows"].tolist() == list(range(offline_rows, offline_rows + 250))  # after the data
     assert set(online["rewards"].tolist()) <= {-1.0, 0.0}  # OGBench singletask rewards, unscaled
     assert set(online["masks"].tolist()) <= {0.0, 1.0}
     assert (online["actions"].abs() <= 1).all()
@@ -27,6 +29,47 @@ def test_offline_to_online_appends_transitions_and_logs_episodes(ogbench_dir, tm
     returns = events.Scalars("online/episode_return")
     assert len(returns) >= 1 and returns[0].step == 200  # logged against environment steps
     assert {"online/success", "online/episode_score", "losses/critic_loss"} <= set(events.Tags()["scalars"])
+
+
+def official_replay_buffer(offline_rows: int, capacity: int, added: int):
+    """The official ReplayBuffer's write positions and size (utils/datasets.py: add_transition), replayed."""
+    pointer = size = offline_rows
+    rows = []
+    for _ in range(added):
+        rows.append(pointer)
+        pointer = (pointer + 1) % capacity
+        size = max(pointer, size)
+    return rows, pointer, size
+
+
+@pytest.mark.parametrize("buffer_size,online_steps", [(12, 9), (12, 20), (2_000_000, 9)])
+def test_online_transitions_fill_and_overwrite_the_buffer_as_the_official_one(buffer_size, online_steps):
+    """max(buffer_size, N + 1) rows: online transitions go after the N offline ones, then wrap around to row 0 and
+    overwrite the oldest rows (offline ones first); batches come from the rows the official size rule admits. The
+    buffer holds no more rows than the run can fill."""
+    offline = 10
+    data = {"observations": np.arange(offline, dtype=np.float32)[:, None], "actions": np.zeros((offline, 1)),
+            "rewards": np.full(offline, -1.0), "next_observations": np.zeros((offline, 1)), "masks": np.ones(offline)}
+    buffer = vgf.ReplayBuffer(data, online_steps, buffer_size, "cpu")
+    capacity = max(buffer_size, offline + 1)
+    assert buffer.capacity == min(capacity, offline + online_steps + 1)
+    for i in range(online_steps):
+        buffer.add(dict(observations=[100.0 + i], actions=[0.0], rewards=float(i), next_observations=[0.0],
+                        masks=1.0))
+    rows, pointer, size = official_replay_buffer(offline, capacity, online_steps)
+    assert (buffer.pointer % capacity, buffer.size) == (pointer, size)
+    newest = {row: i for i, row in enumerate(rows)}  # a row written twice holds its last transition
+    for row in range(buffer.capacity):
+        expected = 100.0 + newest[row] if row in newest else float(row) if row < offline else 0.0  # 0: not yet written
+        assert buffer.data["observations"][row, 0] == expected, row
+    torch.manual_seed(0)
+    drawn = buffer.sample(4000)["observations"][:, 0]
+    allowed = {100.0 + newest[row] if row in newest else float(row) for row in range(size)}
+    assert set(drawn.tolist()) == allowed  # every admitted row, and no other, is drawn
+    restored = vgf.ReplayBuffer(data, online_steps, buffer_size, "cpu")  # checkpoint -> resume
+    restored.load_state_dict(buffer.state_dict())
+    assert all(torch.equal(restored.data[k], buffer.data[k]) for k in data)
+    assert (restored.pointer, restored.size, restored.added) == (buffer.pointer, buffer.size, buffer.added)
 
 
 def test_amortised_variant_end_to_end(d4rl_dir, tmp_path):
