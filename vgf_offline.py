@@ -80,8 +80,8 @@ class Args:
     alpha: Annotated[Optional[float], shown_default("0.1 D4RL, 0.2 OGBench; 1.0 OGBench with --online-steps "
                                                     "(not --amortised)")] = None
     """temperature of the Boltzmann target pi* ∝ mu exp(Q / alpha); the score is grad_a Q / alpha"""
-    target_q_agg: Annotated[Optional[Literal["min", "mean"]], shown_default("min D4RL and OGBench antmaze, mean "
-                                                                              "other OGBench")] = None
+    target_q_agg: Annotated[Optional[Literal["min", "mean"]],
+                            shown_default("min D4RL and OGBench antmaze, mean other OGBench")] = None
     """aggregation of the two critics in the TD target and for action selection"""
     action_selection: Literal["max", "softmax", "random"] = "max"
     """how the acting particle is picked among the N transported ones"""
@@ -326,8 +326,11 @@ def vgf_particles(agent: "Agent", obs: torch.Tensor, steps: int, acting: bool, n
     particles = sample_reference(agent.flow, obs, args.num_particles, args.bc_flow_steps, noise, generator)
     if args.amortised:
         return amortised_transport(agent.score_net, obs, particles, steps, args.transport_step_size, acting)
-    q_fn = lambda obs, actions: agent.critic(obs, actions).mean(0)  # the online critics' mean, as the official code
-    return transport(q_fn, obs, particles, steps, args.transport_step_size, args.alpha, args.fixed_bandwidth)
+
+    def mean_q(obs, actions):  # the online critics' mean, as the official code
+        return agent.critic(obs, actions).mean(0)
+
+    return transport(mean_q, obs, particles, steps, args.transport_step_size, args.alpha, args.fixed_bandwidth)
 
 
 # =====================================================================================================================
@@ -377,7 +380,7 @@ def flow_matching_loss(flow: BehaviourFlow, batch) -> torch.Tensor:
     actions = batch["actions"]
     x0 = batch["flow_x0"] if "flow_x0" in batch else torch.randn_like(actions)
     t = batch["flow_t"] if "flow_t" in batch else torch.rand(actions.shape[0], 1, device=actions.device,
-                                                            dtype=actions.dtype)
+                                                             dtype=actions.dtype)
     return (flow(batch["observations"], (1 - t) * x0 + t * actions, t) - (actions - x0)).pow(2).mean()
 
 
@@ -502,8 +505,10 @@ AMORTISED_ONLINE_OGBENCH = {  # run_a_vgf_off2on_ogbench.sh: environment -> (L_t
     "antmaze": (5, 0.1), "humanoidmaze": (1, 0.05), "antsoccer": (2, 0.05), "cube": (1, 0.05), "scene": (1, 0.1),
     "puzzle": (5, 0.1)}
 
+
 class VGFError(Exception):
     """A problem with the user's input or files, reported without a traceback."""
+
 
 D4RL_LOCOMOTION = {  # env -> (gymnasium id, extra kwargs, D4RL random score, D4RL expert score)
     "halfcheetah": ("HalfCheetah-v4", {}, -280.178953, 12135.0),
@@ -532,12 +537,14 @@ OGBENCH_NAVIGATION = ("antmaze-medium-navigate", "antmaze-large-navigate", "antm
 OGBENCH_MANIPULATION = ("cube-single-play", "cube-double-play", "cube-triple-play", "cube-quadruple-play",
                         "scene-play", "puzzle-3x3-play", "puzzle-4x4-play", "puzzle-4x5-play", "puzzle-4x6-play")
 
+
 def supported_env_ids() -> str:
     return (f"D4RL: {{{','.join(D4RL_LOCOMOTION)}}}-{{{','.join(D4RL_LOCOMOTION_DATASETS)}}}-v2\n  "
             f"D4RL: antmaze-{{{','.join(D4RL_ANTMAZE_FILES)}}}-v2\n  "
             f"D4RL: {{{','.join(D4RL_ADROIT_SCORES)}}}-{{human,cloned,expert}}-v1\n  "
             f"OGBench: <env>-singletask-v0 or <env>-singletask-task{{1..5}}-v0 with <env> one of\n      "
             + "\n      ".join(OGBENCH_NAVIGATION + OGBENCH_MANIPULATION))
+
 
 def parse_env_id(env_id: str) -> Dict:
     """Suite, dataset and evaluation facts of an env id; raises VGFError listing the supported ids."""
@@ -564,6 +571,7 @@ def parse_env_id(env_id: str) -> Dict:
         return dict(suite=suite, dataset_name=f"{m.group(1)}-v0")
     raise VGFError(f"unknown --env-id '{env_id}'. Supported ids:\n  " + supported_env_ids())
 
+
 def task_defaults(args: Args) -> Dict:
     """Default values for args.env_id: the suite's row, then the run scripts' per-task and offline-to-online values."""
     suite, name = parse_env_id(args.env_id)["suite"], args.env_id
@@ -580,12 +588,13 @@ def task_defaults(args: Args) -> Dict:
         else:
             d.update(train_transport_steps=5, transport_step_size=0.1, alpha=1.0)
     elif args.online_steps > 0 and suite.startswith("ogbench"):  # run_a_vgf_off2on_ogbench.sh
-        steps, eps = AMORTISED_ONLINE_OGBENCH.get(name.split("-")[0], (d["train_transport_steps"],
-                                                                        d["transport_step_size"]))
+        suite_values = (d["train_transport_steps"], d["transport_step_size"])
+        steps, eps = AMORTISED_ONLINE_OGBENCH.get(name.split("-")[0], suite_values)
         d.update(train_transport_steps=steps, transport_step_size=eps, total_steps=1_000_000)
         if name.startswith("antmaze-giant"):
             d["discount"] = 0.995
     return d
+
 
 def resolve_suite_defaults(args: Args) -> Args:
     """Fill the None fields of args from task_defaults."""
@@ -593,6 +602,7 @@ def resolve_suite_defaults(args: Args) -> Args:
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
 
 def validate(args: Args):
     """Reject out-of-range options before anything is built or written (exit 2 with every problem named)."""
@@ -618,6 +628,7 @@ def validate(args: Args):
         ("log_every", args.log_every >= 1, ">= 1"),
         ("online_steps", args.online_steps >= 0, ">= 0"),
         ("online_warmup", args.online_warmup >= 0, ">= 0"),
+        ("buffer_size", args.buffer_size >= 1, ">= 1"),
         ("threads", args.threads is None or args.threads >= 1, ">= 1"),
     ]
     bad = []
@@ -628,6 +639,7 @@ def validate(args: Args):
             bad.append(f"--{name.replace('_', '-')} {shown} is out of range: must be {valid_range}")
     if bad:
         raise VGFError("\n  ".join(bad))
+
 
 def given_options(argv: List[str]) -> set:
     """The Args fields named on the command line (`--env-id X`, `--env-id=X`, `--no-compile`), even when the value
@@ -675,6 +687,7 @@ def download(url: str, path: str, where_hint: str):
                        f"(or point {where_hint} at the folder that holds it).") from None
     os.replace(tmp, path)
 
+
 def must_download(path: str) -> bool:
     """True when the dataset file does not exist. A file that exists but cannot be read (or sits in a folder that
     cannot be entered) is an error, never a reason to download it again."""
@@ -689,6 +702,7 @@ def must_download(path: str) -> bool:
     except OSError as e:
         raise VGFError(f"dataset file {path} cannot be read ({e.strerror or e}); pass another --dataset-dir") from None
 
+
 def check_binary(arrays: Dict[str, np.ndarray], path: str):
     """terminals / timeouts must be 0 or 1: a fractional flag would silently become 'true' (every row an end)."""
     for key, value in arrays.items():
@@ -697,6 +711,7 @@ def check_binary(arrays: Dict[str, np.ndarray], path: str):
             row = np.flatnonzero(bad)[0]
             raise VGFError(f"{path}: key '{key}' must hold 0 or 1 (booleans), but row {row} holds {value[row]} "
                            f"({bad.sum()} row(s) in all); repair the file")
+
 
 def check_action_range(actions: np.ndarray, path: str, tolerance: float = 1e-3):
     """The policy acts in [-1, 1] and dataset actions are clipped to it (official code). Actions outside are clipped
@@ -710,6 +725,7 @@ def check_action_range(actions: np.ndarray, path: str, tolerance: float = 1e-3):
         print(f"warning: {path}: {share:.3f} % of the action entries lie outside [-1, 1] (largest |a| {largest:.3g}); "
               "they are clipped to [-1, 1]")
 
+
 def check_finite(arrays: Dict[str, np.ndarray], path: str):
     """A NaN or inf in the data would only surface much later as a non-finite loss: name the key and the first row."""
     for key, value in arrays.items():
@@ -718,6 +734,7 @@ def check_finite(arrays: Dict[str, np.ndarray], path: str):
             if bad.any():
                 raise VGFError(f"{path}: key '{key}' holds NaN or inf at row {np.flatnonzero(bad)[0]} ({bad.sum()} "
                                f"row(s) in all); repair the file or delete it to download it again")
+
 
 def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
     """Read the keys of a D4RL HDF5 file that VGF needs, checking names and shapes."""
@@ -734,8 +751,8 @@ def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
         data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts") if k in f}
     n = len(data["observations"])
     if n < 2:
-        raise VGFError(f"{path} holds {n} rows; a dataset needs at least 2 (a transition needs its next row): repair the "
-                       "file or delete it to download it again")
+        raise VGFError(f"{path} holds {n} rows; a dataset needs at least 2 (a transition needs its next row): repair "
+                       "the file or delete it to download it again")
     for k, v in data.items():
         if len(v) != n or (k in ("rewards", "terminals", "timeouts") and v.ndim != 1) or \
                 (k in ("observations", "actions") and v.ndim != 2):
@@ -745,6 +762,7 @@ def read_d4rl_hdf5(path: str) -> Dict[str, np.ndarray]:
     check_binary({k: data[k] for k in ("terminals", "timeouts") if k in data}, path)
     check_action_range(data["actions"], path)
     return data
+
 
 def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 1000) -> Dict[str, np.ndarray]:
     """(s, a, r, s', done) as d4rl.qlearning_dataset builds them: s' = observations[i+1], and the last step of an
@@ -765,6 +783,7 @@ def qlearning_transitions(data: Dict[str, np.ndarray], max_episode_steps: int = 
                 next_observations=data["observations"][keep + 1].astype(np.float32),
                 terminals=data["terminals"][keep].astype(np.float32))
 
+
 def official_window_ends(terminals: np.ndarray, window: int = 1000) -> np.ndarray:
     """Ends of the official code's 'episodes' for the reward scale: a row of the timeout-stripped transitions ends one
     if it is a terminal or the window-th row since the last end (so time-limited episodes run together)."""
@@ -772,6 +791,7 @@ def official_window_ends(terminals: np.ndarray, window: int = 1000) -> np.ndarra
     rows = np.arange(len(terminals))
     start = np.maximum.accumulate(np.where(np.r_[True, terminals[:-1]], rows, 0))  # first row after the last terminal
     return terminals | ((rows - start + 1) % window == 0)
+
 
 def episode_return_range(rewards: np.ndarray, episode_ends: np.ndarray):
     """Min and max return over the complete episodes (rows up to each end); a trailing incomplete one is ignored."""
@@ -781,6 +801,7 @@ def episode_return_range(rewards: np.ndarray, episode_ends: np.ndarray):
     returns = np.add.reduceat(rewards[: ends[-1] + 1].astype(np.float64), np.r_[0, ends[:-1] + 1])
     return float(returns.min()), float(returns.max()), len(returns)
 
+
 def ogbench_env_kwargs() -> Dict:
     """ogbench >= 1.2 computes singletask success, reward and termination before the step; the official code pins
     1.1.0, which computes them after it: ask for that. The datasets' relabelled rewards and masks (from the state s of
@@ -789,6 +810,7 @@ def ogbench_env_kwargs() -> Dict:
 
     major, minor = (int(x) for x in version("ogbench").split(".")[:2])
     return {"success_timing": "post"} if (major, minor) >= (1, 2) else {}
+
 
 def load_dataset(args: Args):
     """Transitions (observations, actions, rewards, next_observations, masks) with the official preprocessing, and the
@@ -885,6 +907,7 @@ ANTMAZE_HORIZON = {"umaze": 700, "medium": 1000, "large": 1000}
 
 GOAL_RADIUS = 0.5  # D4RL GoalReachingEnv: reward 1 and done when |xy - goal| <= 0.5 (gymnasium-robotics: 0.45)
 
+
 def _d4rl_ant_xml():
     """gymnasium's ant.xml edited to D4RL's ant (d4rl/locomotion/assets/ant.xml); returns a temp path."""
     src = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets", "ant.xml")
@@ -900,6 +923,7 @@ def _d4rl_ant_xml():
     os.close(fd)
     tree.write(path)
     return path
+
 
 class D4RLAntMaze(gym.Wrapper):
     """D4RL antmaze-*-v2 (eval mode) on gymnasium-robotics' AntMaze. Observations, goals and states
@@ -967,12 +991,15 @@ class D4RLAntMaze(gym.Wrapper):
         success = bool(np.linalg.norm(self.xy() - self.goal) <= GOAL_RADIUS)
         return self._obs(), float(success), success, False, {"success": success, "goal": self.goal.copy()}
 
+
 def make_antmaze_env(env_id):
     """antmaze-{umaze,umaze-diverse,medium-*,large-*}-v2 -> D4RL-equivalent gymnasium env."""
     maze = env_id.split("-")[1]
     return gym.wrappers.TimeLimit(D4RLAntMaze(maze), max_episode_steps=ANTMAZE_HORIZON[maze])
 
+
 ADROIT_HORIZON = {"pen": 100, "door": 200, "hammer": 200, "relocate": 200}
+
 
 class D4RLAdroit(gym.Wrapper):
     """D4RL {pen,door,hammer,relocate}-v1: gymnasium-robotics' physics and observations (identical models),
@@ -1030,17 +1057,20 @@ class D4RLAdroit(gym.Wrapper):
         r, done, achieved = self.reward()
         return obs, float(r), done, False, {"success": achieved, "goal_achieved": achieved}
 
+
 def make_adroit_env(env_id):
     """{pen,door,hammer,relocate}-{human,cloned,expert}-v1 -> D4RL-equivalent gymnasium env."""
     task = env_id.split("-")[0]
     return gym.wrappers.TimeLimit(D4RLAdroit(task), max_episode_steps=ADROIT_HORIZON[task])
 
+
 def make_eval_env(env_id: str) -> gym.Env:
     spec = parse_env_id(env_id)
     if spec["suite"] == "d4rl-locomotion":
-        with warnings.catch_warnings():  # gymnasium's "out of date, consider v5": v4 on purpose. v4 keeps D4RL's rewards
-            # and observations; v5 gives Hopper's, Walker2d's and Ant's healthy reward only while healthy, always
-            # charges Ant's contact cost and drops a row of Ant's contact forces from the observation
+        # gymnasium warns that v4 is "out of date": v4 on purpose. It keeps D4RL's rewards and observations; v5 gives
+        # Hopper's, Walker2d's and Ant's healthy reward only while healthy, always charges Ant's contact cost and drops
+        # a row of Ant's contact forces from the observation
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading to version")
             return gym.make(spec["gym_id"], **spec["gym_kwargs"])
     if spec["suite"] == "d4rl-antmaze":
@@ -1050,6 +1080,7 @@ def make_eval_env(env_id: str) -> gym.Env:
     import ogbench
 
     return ogbench.make_env_and_datasets(env_id, env_only=True, **ogbench_env_kwargs())
+
 
 def episode_score(env_id: str, episode_return: float, success: float) -> float:
     """D4RL normalised score x100, or OGBench success rate in percent."""
@@ -1081,6 +1112,7 @@ def evaluate(agent: Agent, envs: List[gym.Env], args: Args, transport_steps: int
     return dict(score_mean=float(scores.mean()), score_std=float(scores.std()), return_mean=float(returns.mean()),
                 success_rate=float(successes.mean()), episodes=len(envs))
 
+
 def evaluate_all(agent, envs, args: Args, step: int, device, writer=None, run_dir=None) -> List[Dict]:
     metric = "success_rate_percent" if parse_env_id(args.env_id)["suite"].startswith("ogbench") else \
         "d4rl_normalized_score"
@@ -1103,6 +1135,7 @@ def evaluate_all(agent, envs, args: Args, step: int, device, writer=None, run_di
         f"  {r['L_test']:6d} | {r['score_mean']:6.1f} | {r['score_std']:6.1f} | {r['return_mean']:.1f}" for r in rows))
     return rows
 
+
 def read_evaluations(run_dir: str) -> List[Dict]:
     """The rows of run_dir/eval.jsonl (none if it does not exist yet), each checked to name its update step."""
     eval_path = os.path.join(run_dir, "eval.jsonl")
@@ -1117,6 +1150,7 @@ def read_evaluations(run_dir: str) -> List[Dict]:
         raise VGFError(f"{eval_path} is not a list of evaluations; pass --run-name NEW to continue in a new "
                        "folder") from None
     return rows
+
 
 def write_plots(run_dir: str):
     """eval_curve.png: score over gradient steps, one line per L_test; test_time_scaling.png: final score vs L_test."""
@@ -1208,16 +1242,20 @@ def start_run(args: Args, explicit: Optional[set] = None) -> "Run":
         if args.eval_only and not path:
             raise VGFError("--eval-only needs --checkpoint PATH")
         state = load_checkpoint(path)
-        new_folder = args.run_name is not None  # --resume with --run-name: continue in a new folder
+        given = explicit if explicit is not None else \
+            {name for name in ("run_name", "output_dir") if getattr(args, name) != getattr(Args(), name)}
+        run_name, output_dir = args.run_name, args.output_dir
         args = merge_checkpoint_args(args, state["args"], path, explicit)
-        # the run continues next to the checkpoint (the folder that holds it), never where the checkpoint says
-        # it was written; --eval-only writes beside that folder under its own name
-        checkpoint_folder = os.path.dirname(os.path.abspath(path))
-        if args.eval_only and not new_folder:
-            args.output_dir = os.path.dirname(checkpoint_folder)
-            args.run_name = f"{os.path.basename(checkpoint_folder)}__eval_step{state['step']}"
-        elif args.resume and not new_folder:
-            args.output_dir, args.run_name = os.path.split(checkpoint_folder)
+        # The folder: where the checkpoint is (never where the checkpoint says it was written), under its own name
+        # (--resume: the same folder; --eval-only: a folder beside it), unless --run-name / --output-dir say otherwise
+        parent, folder = os.path.split(os.path.dirname(os.path.abspath(path)))
+        args.output_dir = output_dir if "output_dir" in given else parent
+        if "run_name" in given and run_name:
+            args.run_name = run_name
+        elif args.eval_only:
+            args.run_name = f"{folder}__eval_step{state['step']}"
+        else:
+            args.run_name = folder
     unset = [name for name in task_defaults(args) if getattr(args, name) is None]
     args = resolve_suite_defaults(args)
     validate(args)
@@ -1227,7 +1265,8 @@ def start_run(args: Args, explicit: Optional[set] = None) -> "Run":
     if args.resume and state["step"] >= args.total_steps + args.online_steps:
         raise FinishedRun(f"{path} holds a finished run: step {state['step']} of {args.total_steps + args.online_steps}"
                           f" (--total-steps {args.total_steps}, --online-steps {args.online_steps}); nothing to train. "
-                          f"Pass a larger --total-steps to train on, or evaluate it with --eval-only --checkpoint {path}")
+                          "Pass a larger --total-steps to train on, or evaluate it with --eval-only --checkpoint "
+                          f"{path}")
     args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, args.run_name)
     in_place = args.resume and os.path.abspath(run_dir) == os.path.dirname(os.path.abspath(path))
@@ -1263,9 +1302,10 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         if args.threads:
             torch.set_num_threads(args.threads)
-        elif device.type == "cpu" and (warning := cpu_threads_warning(os.getloadavg()[0], os.cpu_count() or 1,
-                                                                       torch.get_num_threads())):
-            print(warning)
+        elif device.type == "cpu":
+            warning = cpu_threads_warning(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+            if warning:
+                print(warning)
 
         if not args.eval_only:  # the dataset first: a missing or bad file is reported before environments are built
             data, self.reward_scale, self.reward_shift = load_dataset(args)
@@ -1308,8 +1348,8 @@ class Run:
         """Take the run folder (an OS lock: one process per folder), open the logs, and turn SIGTERM (what Slurm sends
         before preemption) into the same clean stop as Ctrl-C."""
         self.lock = lock_run_folder(self.run_dir, self.in_place)
-        self.previous_handlers = {sig: signal.signal(sig, self.on_stop_signal) for sig in (signal.SIGINT,
-                                                                                            signal.SIGTERM)}
+        self.previous_handlers = {sig: signal.signal(sig, self.on_stop_signal)
+                                  for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             if not self.args.eval_only:
                 self.open_logs()
@@ -1361,7 +1401,7 @@ class Run:
             raise Stopped
 
     def stopped_message(self) -> str:
-        """Stopped by Ctrl-C or SIGTERM: with --save-model, the last whole step is saved first (unless saved already)."""
+        """Stopped by Ctrl-C or SIGTERM: with --save-model the last whole step is saved first (unless saved already)."""
         name = "SIGTERM" if self.stop_signal == signal.SIGTERM else "Ctrl-C"
         if self.args.eval_only:
             return f"stopped by {name} while evaluating {self.resumed_from}; nothing was written"
@@ -1406,8 +1446,8 @@ class Run:
         self.progress = tqdm(total=self.last_step, initial=self.start_step, dynamic_ncols=True, smoothing=0.05)
         self.last_log_time, self.last_log_step, self.timed_from_step = time.time(), self.start_step, None
         if args.compile:
-            self.progress.write("compiling the update with torch.compile (about a minute on an idle core, minutes under "
-                                "load; --no-compile skips it)")
+            self.progress.write("compiling the update with torch.compile (about a minute on an idle core, minutes "
+                                "under load; --no-compile skips it)")
 
     def log(self, step: int, metrics: Optional[Dict[str, torch.Tensor]]):
         """Tracks non-finite losses at every update (no host sync); writes the losses to tensorboard and the progress
@@ -1585,10 +1625,13 @@ def lock_run_folder(run_dir: str, continues: bool):
     """Create run_dir if needed and hold an exclusive OS lock on run_dir/.lock for as long as the run lives (the OS
     releases it when the process ends, even by a crash). A fresh run first removes what an earlier run that never
     evaluated nor saved left there (its events, its lock)."""
+    created = not os.path.isdir(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, LOCK_FILE), "a+")
     except OSError as e:
+        if created and os.path.isdir(run_dir) and not os.listdir(run_dir):
+            os.rmdir(run_dir)
         raise_write_error(e, run_dir)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1755,6 +1798,7 @@ def load_checkpoint(path: str) -> Dict:
 
 STRUCTURAL_FIELDS = ("env_id", "hidden_dims", "amortised")  # a checkpoint cannot be loaded if these differ
 
+
 def merge_checkpoint_args(cli: Args, saved: Dict, path: str, explicit: Optional[set] = None) -> Args:
     """Fields given on the command line (explicit; default: those set away from their defaults) win, except
     structural ones, which must match."""
@@ -1780,6 +1824,7 @@ def merge_checkpoint_args(cli: Args, saved: Dict, path: str, explicit: Optional[
     for name in explicit & set(saved):
         setattr(merged, name, getattr(cli, name))
     return merged
+
 
 def restore_agent(agent: Agent, state: Dict, path: str):
     """Networks and optimisers from a checkpoint; the learning rate is this run's (--learning-rate), not the one saved

@@ -62,3 +62,38 @@ def test_plot_reads_both_logs_and_tables_every_seed(tmp_path):
     text = training_table([("official", read_official_training(str(tmp_path / "official"))),
                            ("other", {2000: (1.0, -3.0), 4000: (0.1, -1.0)})], every=2000)
     assert text.splitlines()[2:] == ["| 2000 | 0.250 / -20.0 | 1.000 / -3.0 |"]  # only updates both runs logged
+
+
+def test_pointmaze_learning_runs_ours_and_tables_the_difference(tmp_path):
+    """tests/pointmaze_learning.py: `ours` trains vgf_offline.py unchanged and records every evaluation episode's
+    success and final distance to the goal; `table` averages per seed and tests the difference between programs."""
+    import subprocess
+
+    from make_ogbench_data import collect
+
+    data, _ = collect("medium", episodes=2, seed=3)
+    for suffix in ("", "-val"):
+        np.savez_compressed(tmp_path / f"pointmaze-medium-navigate-v0{suffix}.npz", **data)
+    script = os.path.join(os.path.dirname(__file__), "pointmaze_learning.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, script, "ours", "--seed", "0", "--dataset-dir", str(tmp_path), "--out",
+                    str(tmp_path / "ours_s0"), "--steps", "2", "--eval-every", "2", "--episodes", "1"], check=True,
+                   env=env, capture_output=True, timeout=600)
+    rows = [json.loads(line) for line in open(tmp_path / "ours_s0" / "episodes.jsonl")]
+    assert [(r["step"], r["L_test"]) for r in rows] == [(2, 0), (2, 1), (2, 2), (2, 3)]
+    assert all(r["goal"] == [20.0, 20.0] and r["distance"] > 0.5 and r["success"] == 0.0 for r in rows)
+    assert all(abs(r["distance"] - np.hypot(r["xy"][0] - 20, r["xy"][1] - 20)) < 1e-9 for r in rows)
+    # two programs of 5 seeds whose success differs at every seed: the exact permutation test gives 2 / 252
+    for program, success in (("vgf_offline.py", 1.0), ("official", 0.0)):
+        folder = tmp_path / program
+        folder.mkdir()
+        with open(folder / "episodes.jsonl", "w") as f:
+            for seed in range(5):
+                for L in range(4):
+                    f.write(json.dumps(dict(program=program, seed=seed, step=10, L_test=L, success=success,
+                                            xy=[0, 0], goal=[1, 0], distance=1.0 + seed)) + "\n")
+    out = subprocess.run([sys.executable, script, "table", str(tmp_path / "vgf_offline.py"),
+                          str(tmp_path / "official"), "--markdown", str(tmp_path / "t.md")], check=True, env=env,
+                         capture_output=True, text=True, timeout=300).stdout
+    assert "| vgf_offline.py | 10 | 0 | 5 (1 episodes) | 100.0 ± 0.0 | 3.00 ± 0.71 |" in out
+    assert "| 0 | 10 | +100.0 | 0.00 | 0.01 | +0.00 | 1.00 | 1.00 |" in out

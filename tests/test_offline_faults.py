@@ -162,8 +162,10 @@ def test_disk_full_elsewhere_is_one_error_and_leaves_no_partial_file(d4rl_dir, t
     args = vgf.Args(env_id="halfcheetah-medium-v2", dataset_dir=d4rl_dir, output_dir=str(tmp_path), run_name="r",
                     hidden_dims=[32, 32], batch_size=32, num_particles=4, bc_flow_steps=3, train_transport_steps=2,
                     compile=False, cuda=False, total_steps=2, eval_every=0, eval_episodes=1, eval_transport_steps=[0])
-    if where == "run folder":
-        monkeypatch.setattr(vgf.os, "makedirs", no_space)
+    real_open = open
+    if where == "run folder":  # the disk is full when the run folder's first file (its lock) is created
+        monkeypatch.setattr(vgf, "open", lambda path, *a, **k: no_space() if str(path).endswith(".lock")
+                            else real_open(path, *a, **k), raising=False)
         path = tmp_path / "r"
     elif where == "plot":
         import matplotlib.figure
@@ -171,8 +173,6 @@ def test_disk_full_elsewhere_is_one_error_and_leaves_no_partial_file(d4rl_dir, t
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, f, **k: (f.write(b"x"), no_space()))
         path = tmp_path / "r" / "eval_curve.png"
     else:
-        real_open = open
-
         class FillsUp:  # a file on a disk that is full after 3 characters
             def __init__(self, f):
                 self.f = f

@@ -180,6 +180,7 @@ BAD_OPTIONS = [
     (["--log-every", "0"], "--log-every 0", ">= 1"),
     (["--online-steps", "-1"], "--online-steps -1", ">= 0"),
     (["--online-warmup", "-1"], "--online-warmup -1", ">= 0"),
+    (["--buffer-size", "0"], "--buffer-size 0", ">= 1"),
     (["--threads", "0"], "--threads 0", ">= 1"),
     (["--seed", "-1"], "--seed -1", "in [0, 2**32 - 1]"),
     (["--seed", "4294967296"], "--seed 4294967296", "in [0, 2**32 - 1]"),

@@ -254,3 +254,18 @@ def test_checkpoint_args_from_an_older_version_load():
         old = {**saved, "kernel_grad_through_bandwidth": through, "an_option_from_the_future": 1}
         merged = vgf.merge_checkpoint_args(vgf.Args(), old, "old.pt")
         assert merged.fixed_bandwidth is fixed and merged.env_id == "hopper-medium-v2"
+
+
+def test_evaluation_leaves_training_untouched():
+    """Evaluation draws its noise from its own generator: the global random states (batch sampling, the update's
+    noise), the networks and the optimisers are what they were, so evaluating does not change training."""
+    torch.manual_seed(0)
+    args = vgf.resolve_suite_defaults(vgf.Args(hidden_dims=[16], num_particles=4, bc_flow_steps=2, compile=False,
+                                               eval_transport_steps=[0, 2], eval_episodes=1))
+    env = vgf.make_eval_env(args.env_id)
+    agent = vgf.Agent(env.observation_space.shape[0], env.action_space.shape[0], args)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), [p.clone() for p in agent.parameters()])
+    rows = vgf.evaluate_all(agent, [env], args, step=1, device="cpu")
+    assert [r["L_test"] for r in rows] == [0, 2]
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), before[2]))
