@@ -118,11 +118,11 @@ def main():
         for i in range(0, len(prompts), per):
             batch = prompts[i : i + per]
             ids, mask = vgf_llm.pad([vgf_llm.prompt_ids(tok, p, args) for p in batch], tok.pad_token_id, left=True)
-            gen = vgf_llm.sample_responses(
+            gen, _ = vgf_llm.sample_responses(
                 lm, ids.repeat_interleave(a.samples, 0), mask.repeat_interleave(a.samples, 0), a.max_new_tokens, 1.0,
                 eos_ids,
             )
-            gen, rmask = vgf_llm.truncate_at_eos(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
+            gen, rmask = vgf_llm.close_responses(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
             texts = [tok.decode(g[m.bool()], skip_special_tokens=True).strip() for g, m in zip(gen, rmask)]
             for b, p in enumerate(batch):
                 group = texts[b * a.samples : (b + 1) * a.samples]
