@@ -323,10 +323,11 @@ def encode_pairs(tok, rows, args, end_id):
 def sequence_outputs(rm, prompts, responses, pad_id, device, features=False):
     """R of [prompt; response] token lists in one forward pass (with features: the hidden states the head reads)."""
     embed = rm.backbone.get_input_embeddings()
-    (p_ids, p_mask), (r_ids, r_mask) = pad(prompts, pad_id, left=True), pad(responses, pad_id, left=False)
-    inputs = torch.cat([embed(p_ids.to(device)), embed(r_ids.to(device))], 1)
-    mask = torch.cat([p_mask, r_mask], 1).to(device)
-    return (rm.features if features else rm)(inputs, mask, r_ids.shape[1])
+    prompt_tokens, prompt_mask = pad(prompts, pad_id, left=True)
+    response_tokens, response_mask = pad(responses, pad_id, left=False)
+    inputs = torch.cat([embed(prompt_tokens.to(device)), embed(response_tokens.to(device))], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1).to(device)
+    return (rm.features if features else rm)(inputs, mask, response_tokens.shape[1])
 
 
 def pair_outputs(rm, pairs, pad_id, device, micro_batch, features=False):
@@ -515,14 +516,14 @@ def reference_sampler(rows, args, run):
     """N responses per prompt from mu, each prompt's cache computed once and shared by its N samples."""
     start, tok = time.time(), run.tok
     prompts = [prompt_ids(tok, r["prompt"], args) for r in rows]
-    p_ids, p_mask = (x.to(run.device) for x in pad(prompts, tok.pad_token_id, left=True))
-    compute = ComputeTally(prompt_prefill=int(p_mask.sum()))
-    lm_cache = prompt_cache(run.lm, p_ids, p_mask)
+    prompt_tokens, prompt_mask = (x.to(run.device) for x in pad(prompts, tok.pad_token_id, left=True))
+    compute = ComputeTally(prompt_prefill=int(prompt_mask.sum()))
+    lm_cache = prompt_cache(run.lm, prompt_tokens, prompt_mask)
     prompt_of_row = torch.arange(len(rows), device=run.device).repeat_interleave(args.num_particles)
     sampled = []
     for part in micro_batches(len(prompt_of_row), args.micro_batch_size, "reference sampler"):
         prompt = prompt_of_row[part]
-        tokens, forwards = continue_sampling(run.lm, lm_cache.for_rows(prompt), p_mask[prompt],
+        tokens, forwards = continue_sampling(run.lm, lm_cache.for_rows(prompt), prompt_mask[prompt],
                                              lm_cache.last_logits[prompt], args.max_new_tokens, args.temperature,
                                              run.stop_ids)
         sampled.append(tokens)
@@ -530,7 +531,7 @@ def reference_sampler(rows, args, run):
     width = response_width(args.max_new_tokens)
     ids, live = close_responses(torch.cat(sampled), run.stop_ids, tok.pad_token_id, run.end_id, width)
     synced(run.device)
-    return ReferenceBatch(p_ids, p_mask, lm_cache, prompt_of_row, ids, live, time.time() - start, compute)
+    return ReferenceBatch(prompt_tokens, prompt_mask, lm_cache, prompt_of_row, ids, live, time.time() - start, compute)
 
 
 # ALGO LOGIC: transport. The N reference samples of each prompt are the initial particles; one transport of max(L)
@@ -648,15 +649,17 @@ def nearest_tokens(u, table, allowed, chunk=4096):
 
 def table_spacing(table, allowed, sample=2048, chunk=256):
     """Median distance from an allowed token's embedding to its nearest allowed neighbour (the embed step's unit)."""
-    idx = allowed[: len(table)].nonzero().flatten()
-    pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:sample].to(idx.device)]
-    t, near = table.float(), []
-    sq = t[idx].pow(2).sum(-1)
-    for i in range(0, len(pick), chunk):
-        a = t[pick[i : i + chunk]]
-        d2 = (a.pow(2).sum(-1, keepdim=True) + sq - 2 * a @ t[idx].T).clamp(min=0)
-        near.append(d2.topk(2, -1, largest=False).values[:, 1].sqrt())  # [0] is the token itself
-    return torch.cat(near).median().item()
+    allowed_ids = allowed[: len(table)].nonzero().flatten()
+    shuffled = torch.randperm(len(allowed_ids), generator=torch.Generator().manual_seed(0))[:sample]
+    picked = allowed_ids[shuffled.to(allowed_ids.device)]
+    table, nearest = table.float(), []
+    squared_norms = table[allowed_ids].pow(2).sum(-1)
+    for start in range(0, len(picked), chunk):
+        rows = table[picked[start : start + chunk]]
+        squared_distances = rows.pow(2).sum(-1, keepdim=True) + squared_norms - 2 * rows @ table[allowed_ids].T
+        second_smallest = squared_distances.clamp(min=0).topk(2, -1, largest=False).values[:, 1]  # [0]: the token
+        nearest.append(second_smallest.sqrt())
+    return torch.cat(nearest).median().item()
 
 
 def end_at_stop(ids, ends, stop_ids, end_id):
@@ -768,7 +771,8 @@ def mh_step(state, models, args):
     choice = torch.multinomial(weights.token_logits[rows, positions].softmax(-1), 1)[:, 0]  # v | t
     candidates = state.scores.candidates[rows, positions]
     outside = choice == candidates.shape[1]  # the last weight: a token of mu outside C_t
-    tokens = torch.where(outside, OUTSIDE, candidates.gather(1, choice.clamp(max=candidates.shape[1] - 1)[:, None])[:, 0])
+    candidate = candidates.gather(1, choice.clamp(max=candidates.shape[1] - 1)[:, None])[:, 0]
+    tokens = torch.where(outside, OUTSIDE, candidate)
     new_ids, new_ends = models.resample_suffix(state.ids, positions, tokens, candidates)  # y'_>t ~ mu(·|x, y_<t, v)
     proposal = chain_state(new_ids, new_ends, models, args)
     proposed_tokens = new_ids[rows, positions]  # v, including the ones drawn outside C_t
@@ -934,7 +938,7 @@ def resample_suffixes(lm, cache, prompt_of_row, ids, positions, tokens, excluded
 def transport_models(reference, args, run):
     """The reward, mu's token scores and mu's suffix sampler over the reference batch's prompts, each adding the
     token-forwards it runs to the batch's ComputeTally."""
-    compute, mb, stop_ids = reference.compute, args.micro_batch_size, run.stop_ids
+    compute, micro_batch, stop_ids = reference.compute, args.micro_batch_size, run.stop_ids
     rm_cache = prompt_cache(run.rm.backbone, reference.prompt_ids, reference.prompt_mask)
     compute.prompt_prefill += int(reference.prompt_mask.sum())
 
@@ -948,20 +952,21 @@ def transport_models(reference, args, run):
         compute.reward_forward += ids.numel()
         if with_gradient:
             compute.reward_backward += 2 * ids.numel()
-        out = response_rewards(run.rm, rm_cache, prompt_of(ids), embeddings, live, mb, with_gradient)
+        out = response_rewards(run.rm, rm_cache, prompt_of(ids), embeddings, live, micro_batch, with_gradient)
         return synced(run.device, out)
 
     def token_scores(ids, top_k=0):
         if top_k:  # a pass whose only use is the evaluation's NLL is not counted
             compute.candidates += len(ids) * (ids.shape[1] - 1)
         live = through_first_stop(ids, stop_ids).long()
-        out = response_token_scores(run.lm, reference.lm_cache, prompt_of(ids), ids, live, run.allowed, top_k, mb)
+        out = response_token_scores(run.lm, reference.lm_cache, prompt_of(ids), ids, live, run.allowed, top_k,
+                                    micro_batch)
         return synced(run.device, out)
 
     def resample_suffix(ids, positions, tokens, excluded):
         new_ids, new_ends, prefix_forwards, sampling_forwards = resample_suffixes(
             run.lm, reference.lm_cache, prompt_of(ids), ids, positions, tokens, excluded, stop_ids, run.end_id,
-            run.tok.pad_token_id, mb)
+            run.tok.pad_token_id, micro_batch)
         compute.suffix_prefix += prefix_forwards
         compute.suffix_sampling += sampling_forwards
         return synced(run.device, (new_ids, new_ends))
@@ -1043,13 +1048,14 @@ class Judge:
 
 def edit_distance(a, b):
     """Levenshtein distance between two token lists."""
-    prev = list(range(len(b) + 1))
+    previous_row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
-        cur = [i]
+        row = [i]
         for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
+            substitution = 0 if x == y else 1
+            row.append(min(previous_row[j] + 1, row[j - 1] + 1, previous_row[j - 1] + substitution))
+        previous_row = row
+    return previous_row[-1]
 
 
 def evaluate_batch(rows, reference, record, args, run):
@@ -1154,14 +1160,17 @@ def summarise(records, moves_by_step, args, run):
     judges, bon, results = [name for name, _ in run.judges], [r["vgf"]["0"] for r in records], {}
     for L in sorted(set(args.transport_steps)):
         at_L = [r["vgf"][str(L)] for r in records]
-        res = results[str(L)] = dict(compare(at_L, bon, judges), kl_estimate_se=se([x["kl_estimate"] for x in at_L]))
+        result = results[str(L)] = dict(compare(at_L, bon, judges),
+                                        kl_estimate_se=se([x["kl_estimate"] for x in at_L]))
         judge = np.array([x["judge"] for x in at_L])
         for key, other in (("best_of_n", [x["judge"] for x in bon]), ("sample", [r["judge_sample"] for r in records]),
                            ("chosen", [r["judge_chosen"] for r in records])):  # share of prompts won, ties half
-            res[f"win_rate_vs_{key}"] = float(np.mean((judge > other) + 0.5 * (judge == np.array(other))))
-        for k, val in res.items():
-            if not isinstance(val, list):
-                run.writer.add_scalar(f"eval/{k}", val, L)
+            other = np.array(other)
+            won = np.where(judge > other, 1.0, np.where(judge == other, 0.5, 0.0))
+            result[f"win_rate_vs_{key}"] = float(won.mean())
+        for name, value in result.items():
+            if not isinstance(value, list):
+                run.writer.add_scalar(f"eval/{name}", value, L)
     frontier = {str(m): dict(compare([r["best_of_n"][str(m)] for r in records], bon, judges),
                              kl_bound=math.log(m) - (m - 1) / m) for m in args.best_of_n}  # KL(best-of-m || mu) bound
     plain = lambda key: dict(**{j: float(np.mean([r[f"{j}_{key}"] for r in records])) for j in judges},
@@ -1202,11 +1211,11 @@ def report(summary, records, trajectories, args, run):
         print("accepted per step: " + ", ".join(f"{m['accepted_share']:.2f}" for m in summary["moves_by_step"]))
     print("seconds per prompt: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["seconds_per_prompt_by_stage"].items()))
     folder = run.folder.path
-    write_text(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))
+    plot_runs([summary], folder)
     write_text(os.path.join(folder, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     if args.save_trajectories:
         write_text(os.path.join(folder, "trajectories.jsonl"), "".join(json.dumps(r) + "\n" for r in trajectories))
-    plot_runs([summary], folder)
+    write_text(os.path.join(folder, "summary.json"), json.dumps(summary, indent=2))  # last: it marks a finished run
     print(f"wrote {folder}/summary.json, samples.jsonl and judge_vs_compute.png")
 
 
@@ -1229,13 +1238,14 @@ def announce_size(batch_index, num_batches, num_prompts, args, run):
     rows = num_prompts * args.num_particles
     if rows <= LARGE_BATCH_ROWS:
         return
-    width, hidden = response_width(args.max_new_tokens), run.embed.weight.shape[1]
-    gib = 3 * rows * width * hidden * 4 / 2**30  # the particles' embeddings, dR/de and a working copy, float32
-    steps = max(args.transport_steps)
+    width, (vocabulary, hidden) = response_width(args.max_new_tokens), run.embed.weight.shape
+    particles_gib = 3 * rows * width * hidden * 4 / 2**30  # the particles' embeddings, dR/de and a working copy
+    logits_gib = min(rows, args.micro_batch_size) * width * vocabulary * 4 / 2**30  # a micro-batch's logits
     print(f"prompt batch {batch_index + 1}/{num_batches}: {rows} responses ({num_prompts} prompts x "
           f"{args.num_particles} particles) of up to {args.max_new_tokens} tokens: sampling runs up to "
-          f"{rows * args.max_new_tokens:.3g} token-forwards; the transport ({steps} steps) holds about {gib:.1f} GiB "
-          f"of embeddings and gradients. Progress is printed every {PROGRESS_SECONDS:.0f} s.", flush=True)
+          f"{rows * args.max_new_tokens:.3g} token-forwards; memory: about {particles_gib:.1f} GiB for the particles' "
+          f"embeddings and gradients, {logits_gib:.1f} GiB for the logits of one micro-batch (--micro-batch-size "
+          f"{args.micro_batch_size}). Progress is printed every {PROGRESS_SECONDS:.0f} s.", flush=True)
 
 
 def main(args):
@@ -1274,6 +1284,7 @@ def main(args):
     STAGE[0] = "writing the results"
     report(summarise(records, moves_by_step, args, run), records, trajectories, args, run)
     run.writer.close()
+    run.folder.finish()
     return run.folder.path
 
 
@@ -1454,8 +1465,10 @@ def preference_row(r):
     if not isinstance(r["chosen"], str):  # implicit prompt: the shared messages before the last one
         return dict(prompt=r["chosen"][:-1], chosen=r["chosen"][-1]["content"], rejected=r["rejected"][-1]["content"])
     # HH: the prompt is everything up to the last "\n\nAssistant:", the response what follows
-    k, rk = (t.rfind("\n\nAssistant:") + len("\n\nAssistant:") for t in (r["chosen"], r["rejected"]))
-    return dict(prompt=r["chosen"][:k], chosen=r["chosen"][k:].strip(), rejected=r["rejected"][rk:].strip())
+    answer = "\n\nAssistant:"
+    chosen_start, rejected_start = (t.rfind(answer) + len(answer) for t in (r["chosen"], r["rejected"]))
+    return dict(prompt=r["chosen"][:chosen_start], chosen=r["chosen"][chosen_start:].strip(),
+                rejected=r["rejected"][rejected_start:].strip())
 
 
 def check_dataset(args):
@@ -1476,7 +1489,7 @@ def load_preferences(args):
         return usable_pairs(rows[:-n_test], "training", args), usable_pairs(rows[-n_test:], "held-out", args)
     import datasets
     try:
-        ds = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.dataset_subset)
+        data = datasets.load_dataset(args.dataset, args.dataset_config, data_dir=args.dataset_subset)
     except ValueError as e:
         msg = str(e)
         if "Config name is missing" in msg or "BuilderConfig" in msg:
@@ -1487,20 +1500,20 @@ def load_preferences(args):
     except Exception as e:
         raise VGFError(f"could not load dataset {args.dataset!r} ({type(e).__name__}: {first_line(e)}); "
                        "offline, pass a local JSONL or a downloaded dataset folder instead") from None
-    if "train" not in ds:
-        raise VGFError(f"--dataset {args.dataset}: no `train` split (found {sorted(ds)})")
-    cols = set(ds["train"].column_names)
-    if not ({"chosen", "rejected"} <= cols or {"info", "summaries", "choice"} <= cols):
-        raise VGFError(f"--dataset {args.dataset}: unknown schema {sorted(cols)}; expected prompt/chosen/rejected, "
+    if "train" not in data:
+        raise VGFError(f"--dataset {args.dataset}: no `train` split (found {sorted(data)})")
+    columns = set(data["train"].column_names)
+    if not ({"chosen", "rejected"} <= columns or {"info", "summaries", "choice"} <= columns):
+        raise VGFError(f"--dataset {args.dataset}: unknown schema {sorted(columns)}; expected prompt/chosen/rejected, "
                        "HH-style chosen/rejected transcripts, or summarize_from_feedback's info/summaries/choice")
-    test_split = next((s for s in ("test", "validation", "valid") if s in ds), None)
+    test_split = next((s for s in ("test", "validation", "valid") if s in data), None)
     if test_split is None:
-        ds = ds["train"].train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        data = data["train"].train_test_split(test_size=args.eval_fraction, seed=args.seed)
         test_split = "test"
 
     def rows(split, n):  # a seeded random subset, so every part of the data (e.g. each HH subset) is represented
-        d = ds[split].shuffle(seed=args.seed)
-        return [preference_row(r) for r in d.select(range(min(n, len(d))))]
+        shuffled = data[split].shuffle(seed=args.seed)
+        return [preference_row(r) for r in shuffled.select(range(min(n, len(shuffled))))]
 
     n_test = max(args.rm_eval_pairs, 4 * args.num_eval_prompts)
     return (usable_pairs(rows("train", args.rm_train_pairs), "training", args),
@@ -1843,20 +1856,25 @@ class RunFolder:
     def release(self):
         self.lock_file.close()  # closing the file releases the lock
 
+    def finish(self):
+        """The run is complete: its folder is no longer cleaned after a failure, and the lock is released."""
+        RunFolder.claimed.remove(self)
+        self.release()
+
     def clean_after_failure(self):
         """A failed or interrupted run leaves no folder behind, except a reward model it trained (returned)."""
         if self.writer is not None:
             self.writer.close()  # its thread creates the events file lazily: it must not land in a removed folder
         reward_model = os.path.join(self.path, "reward_model")
-        if os.path.exists(reward_model) or os.path.exists(os.path.join(self.path, "summary.json")):
-            for name in os.listdir(self.path):
-                if ".tmp-" in name:
-                    remove_path(os.path.join(self.path, name))
+        if os.path.exists(os.path.join(self.path, "summary.json")):  # finished: it failed afterwards, keep it all
             self.release()
-            return reward_model if os.path.exists(reward_model) else None
+            return None
         for name in os.listdir(self.path):
-            if name != ".lock":
+            if name not in (".lock", "reward_model"):
                 remove_path(os.path.join(self.path, name))
+        if os.path.exists(reward_model):
+            self.release()
+            return reward_model
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)  # the lock goes with it (still held: nobody else can start)
             for parent in self.created[1:]:
@@ -1912,21 +1930,22 @@ def plot_runs(summaries, folder):
     import matplotlib.pyplot as plt
     judges = [j for j in ("judge", "judge2") if all(j in s["transport"]["0"] for s in summaries)]
     fig, axes = plt.subplots(len(judges), 2, figsize=(10, 3.6 * len(judges)), squeeze=False)
-    for s, label in zip(summaries, run_labels(summaries)):
-        Ls = sorted(int(L) for L in s["transport"])
-        res = [s["transport"][str(L)] for L in Ls]
-        fr = [s["best_of_n"][k] for k in sorted(s.get("best_of_n", {}), key=int)]
+    for summary, label in zip(summaries, run_labels(summaries)):
+        budgets = sorted(int(L) for L in summary["transport"])
+        at_budgets = [summary["transport"][str(L)] for L in budgets]
+        frontier = [summary["best_of_n"][n] for n in sorted(summary.get("best_of_n", {}), key=int)]
         for row, j in zip(axes, judges):
             for ax, x in zip(row, ("forwards_per_prompt", "nll_per_token")):
-                if max(Ls) > 0:
-                    ax.plot([r[x] for r in res], [r[j] for r in res], marker="o", label=label)
-                if fr:
-                    ax.plot([r[x] for r in fr], [r[j] for r in fr], "k--s", ms=4, label="best-of-N frontier")
+                if max(budgets) > 0:
+                    ax.plot([r[x] for r in at_budgets], [r[j] for r in at_budgets], marker="o", label=label)
+                if frontier:
+                    ax.plot([r[x] for r in frontier], [r[j] for r in frontier], "k--s", ms=4, label="best-of-N frontier")
     for row, j in zip(axes, judges):
         row[0].set(xscale="log", xlabel="model token-forwards per prompt (backward = 2)", ylabel=f"{j} score")
         row[1].set(xlabel="NLL / token under mu", ylabel=f"{j} score")
         row[0].set_title(f"{j}: {summaries[0]['judges'][j]}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:  # a run of L = 0 alone without --best-of-n draws no line
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(folder, exist_ok=True)
     image = io.BytesIO()
@@ -1941,21 +1960,23 @@ def matched_compute(summaries, folders):
     """--plot-runs: every L > 0 of every run against the frontier run's best-of-n with the fewest token-forwards at
     or above the run's: paired differences over prompts (each folder's samples.jsonl) ± their SE."""
     runs = [(s, [json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))]) for s, d in zip(summaries, folders)]
-    fs, fr = next(((s, r) for s, r in runs if s.get("best_of_n")), (None, None))
-    if fs is None:
+    frontier, frontier_records = next(((s, r) for s, r in runs if s.get("best_of_n")), (None, None))
+    if frontier is None:
         return
-    cols = list(fs["judges"]) + ["nll"]
-    print(f"{'run':<26}{'L':>3}{'fwd/prompt':>11}{'vs best-of':>11}" + "".join(f"{c + ' diff':>18}" for c in cols))
-    for s, recs in runs:
-        if [r["prompt"] for r in recs] != [r["prompt"] for r in fr]:
-            print(f"warning: {s['run_name']} was not run on the frontier run's prompts; skipped")
+    columns = list(frontier["judges"]) + ["nll"]
+    print(f"{'run':<26}{'L':>3}{'fwd/prompt':>11}{'vs best-of':>11}" + "".join(f"{c + ' diff':>18}" for c in columns))
+    for summary, records in runs:
+        if [r["prompt"] for r in records] != [r["prompt"] for r in frontier_records]:
+            print(f"warning: {summary['run_name']} was not run on the frontier run's prompts; skipped")
             continue
-        for L, x in ((L, x) for L, x in s["transport"].items() if L != "0"):
-            above = [m for m, y in fs["best_of_n"].items() if y["forwards_per_prompt"] >= x["forwards_per_prompt"]]
-            m = min(above, key=int) if above else max(fs["best_of_n"], key=int)
-            d = [np.array([r["vgf"][L].get(c, np.nan) - f["best_of_n"][m][c] for r, f in zip(recs, fr)]) for c in cols]
-            print(f"{s['run_name']:<26}{L:>3}{x['forwards_per_prompt']:>11.0f}{m:>11}"
-                  + "".join(f"{v.mean():>+10.3f} ± {se(v):.3f}" for v in d))
+        for L, result in ((L, x) for L, x in summary["transport"].items() if L != "0"):
+            cost = result["forwards_per_prompt"]
+            above = [n for n, y in frontier["best_of_n"].items() if y["forwards_per_prompt"] >= cost]
+            n = min(above, key=int) if above else max(frontier["best_of_n"], key=int)
+            differences = [np.array([r["vgf"][L].get(c, np.nan) - f["best_of_n"][n][c]
+                                     for r, f in zip(records, frontier_records)]) for c in columns]
+            print(f"{summary['run_name']:<26}{L:>3}{cost:>11.0f}{n:>11}"
+                  + "".join(f"{d.mean():>+10.3f} ± {se(d):.3f}" for d in differences))
 
 
 def run_labels(summaries):
@@ -2015,7 +2036,9 @@ TERMINATED_BY = [None]
 
 def clean_after_failure():
     """Removes the run folders this process claimed (keeping a trained reward model); returns the reward models."""
-    kept = [folder.clean_after_failure() for folder in RunFolder.claimed]
+    kept = []
+    while RunFolder.claimed:
+        kept.append(RunFolder.claimed.pop().clean_after_failure())
     return [path for path in kept if path]
 
 

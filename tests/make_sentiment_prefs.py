@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=24, help="tokens per response")
     ap.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch")
     ap.add_argument("--seed", type=int, default=1, help="seed")
+    ap.add_argument("--num-prompts", type=int, default=len(TEMPLATES) * len(TOPICS),
+                    help="the first this many of the shuffled prompts (default: all 300)")
     a = ap.parse_args()
 
     random.seed(a.seed)
@@ -111,6 +113,7 @@ def main():
     vader, args = SentimentIntensityAnalyzer(), vgf_llm.Args()
     prompts = [t.format(x) for x in TOPICS for t in TEMPLATES]
     random.shuffle(prompts)
+    prompts = prompts[: a.num_prompts]
     eos_ids = torch.tensor([tok.eos_token_id])
     per = max(1, a.batch_size // a.samples)
     n_rows = 0

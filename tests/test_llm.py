@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -699,3 +700,347 @@ def test_ctrl_c_ends_with_one_line_and_no_run_folder(tiny_setup, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
     assert not (tmp_path / "runs").exists()  # the unfinished run folder is removed (and the --output-dir it made)
+
+
+# ------------------------------------------------------------------------------ the demonstration, as documented
+def cli_env(**extra):
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", **extra)
+
+
+def test_frozen_backbone_reward_model_trains_its_head(tiny_setup, tmp_path):
+    """--no-rm-train-backbone: the backbone's pooled features are computed once and the head trains on them (the
+    Identity-head path flattened the features: 'mat1 and mat2 shapes cannot be multiplied (1x8 and 576x1)')."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    tok = qwen_tokenizer()
+    args = vgf_llm.Args(rm_train_backbone=False, rm_pooling="mean", rm_epochs=3, rm_lr=1e-2, rm_batch_size=4,
+                        rm_eval_pairs=8)
+    rm = vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.float32)
+    backbone_before = {k: v.clone() for k, v in rm.backbone.state_dict().items()}
+    head_before = rm.head.weight.detach().clone()
+    rows = [dict(prompt=f"item {i}", chosen=f"It is {g}.", rejected=f"It is {b}.")
+            for i, (g, b) in enumerate([("good", "bad"), ("great", "awful"), ("lovely", "sad")] * 8)]
+
+    class Writer:
+        losses = []
+        add_scalar = staticmethod(lambda name, value, step: Writer.losses.append(value) if name == "losses/rm_bt_loss" else None)
+
+    info = vgf_llm.train_reward_model(rm, tok, rows, rows[:8], args, "cpu", Writer(), tok.eos_token_id)
+    hidden = lm.config.hidden_size
+    assert rm.head.weight.shape == (1, hidden) and rm.head.bias.shape == (1,)
+    assert not torch.equal(rm.head.weight, head_before)  # the head trained ...
+    assert all(torch.equal(v, backbone_before[k]) for k, v in rm.backbone.state_dict().items())  # ... the backbone not
+    assert len(Writer.losses) >= 2 and Writer.losses[-1] < Writer.losses[0], Writer.losses
+    assert info["heldout_pairs"] == 8 and 0 <= info["heldout_accuracy"] <= 1
+    pairs = vgf_llm.encode_pairs(tok, rows[:3], args, tok.eos_token_id)
+    features = vgf_llm.pair_outputs(rm, pairs, tok.pad_token_id, "cpu", 2, features=True)
+    rewards = vgf_llm.pair_outputs(rm, pairs, tok.pad_token_id, "cpu", 2)
+    assert features[0].shape == (3, hidden) and rewards[0].shape == (3,)
+    assert torch.allclose(rm.head(features[0]).squeeze(-1), rewards[0], atol=1e-5)
+
+
+DEMONSTRATION_SCALE = [  # (documented setting, tiny setting): each must occur in the documented block
+    ("--out sentiment_prefs.jsonl", "--out sentiment_prefs.jsonl --num-prompts 48 --max-new-tokens 8"),
+    ("--num-eval-prompts 100", "--num-eval-prompts 3"),
+    ("--rm-epochs 30", "--rm-epochs 2"),
+    ("--num-particles 64", "--num-particles 4"),
+    ("--best-of-n 1 2 4 8 16 32 64", "--best-of-n 1 2 4"),
+    ("--num-particles 8", "--num-particles 3"),
+    ("--transport-steps 0 1 2 4 8", "--transport-steps 0 1 2"),
+    ("--max-new-tokens 16", "--max-new-tokens 5"),
+]
+
+
+def demonstration_block():
+    """The bash block of docs/llm.md's "Demonstration" section."""
+    text = open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read()
+    section = text[text.index("## Demonstration") :]
+    return section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+
+
+def test_demonstration_commands_run_on_the_tiny_model(tiny_setup, tmp_path):
+    """Every command of the documented demonstration runs as written, with the tiny random model in place of
+    SmolLM2 and tiny settings in place of the documented ones (no pip installs)."""
+    pytest.importorskip("vaderSentiment", reason="the demonstration judges with VADER: pip install vaderSentiment")
+    script = demonstration_block()
+    for documented, tiny in DEMONSTRATION_SCALE:
+        assert documented in script, f"docs/llm.md no longer says {documented!r}: update DEMONSTRATION_SCALE"
+        script = script.replace(documented, tiny)
+    lines = []
+    for line in script.splitlines():
+        if line.startswith("pip install"):
+            continue
+        if line.startswith("GGUF="):
+            line = f"GGUF={tiny_setup / 'model'}"  # a model folder where the demonstration has a .gguf file
+        lines.append(line.replace("python vgf_llm.py", f"{sys.executable} {ROOT}/vgf_llm.py")
+                     .replace("python tests/", f"{sys.executable} {ROOT}/tests/"))
+    (tmp_path / "demo.sh").write_text("set -euo pipefail\n" + "\n".join(lines) + "\n")
+    out = subprocess.run(["bash", str(tmp_path / "demo.sh")], capture_output=True, text=True, cwd=tmp_path,
+                         env=cli_env(), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "held-out pairwise accuracy" in out.stdout
+    assert len((tmp_path / "sentiment_prefs.jsonl").read_text().splitlines()) >= 10  # pairs with a preference
+    assert (tmp_path / "runs" / "rm" / "reward_model" / "value_head.pt").is_file()
+    for name in ("bon", "mh", "mh0", "embed", "topk"):
+        summary = json.load(open(tmp_path / "runs" / name / "summary.json"))
+        assert summary["num_prompts"] == 3 and summary["reward_model"]["path"] == "runs/rm/reward_model"
+    assert (tmp_path / "docs" / "judge_vs_compute.png").stat().st_size > 1000
+    assert "vs best-of" in out.stdout  # the paired matched-compute table of --plot-runs
+
+
+def test_offline_the_default_model_and_dataset_are_named_in_one_message(tmp_path):
+    """Offline with nothing downloaded, the first message names both the default model and the default dataset."""
+    env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--output-dir", str(tmp_path / "runs")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    message = error_line(out)
+    assert message.startswith("error: offline")
+    for expected in ("--model Qwen/Qwen2.5-1.5B", "--dataset Anthropic/hh-rlhf", "`hf download Qwen/Qwen2.5-1.5B`",
+                     "`hf download Anthropic/hh-rlhf --repo-type dataset`"):
+        assert expected in message, message
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ nothing lost, every failure named (issue list)
+def error_line(out):
+    """The one `error:` line a failed run ends with (libraries may print progress bars before it); no traceback."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    return errors[0]
+
+
+def start_training(tiny_setup, output_dir, run_name):
+    """A run that trains its reward model for a long time; returns once it is training."""
+    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(tiny_setup / "model"), "--dataset",
+           str(tiny_setup / "prefs.jsonl"), "--output-dir", str(output_dir), "--run-name", run_name,
+           "--rm-epochs", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    for line in proc.stdout:
+        if line.startswith("rm epoch"):
+            return proc
+    raise AssertionError(proc.stderr.read())
+
+
+def test_a_run_folder_belongs_to_one_run_at_a_time(tiny_setup, tmp_path):
+    """A second process with the same --run-name is refused while the first runs (an OS lock); SIGTERM ends the first
+    like Ctrl-C and leaves no folder; a run killed outright leaves a stub that the next run clears."""
+    import signal
+
+    first = start_training(tiny_setup, tmp_path / "runs", "same")
+    second = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), "--run-name", "same")
+    folder = tmp_path / "runs" / "same"
+    assert error_line(second) == (f"error: the run folder {folder} is in use by another run (process {first.pid}); "
+                                  "wait for it to finish or pass another --run-name")
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)", err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()  # nothing left that blocks the name
+    killed = start_training(tiny_setup, tmp_path / "runs", "same")
+    killed.kill()  # SIGKILL: no chance to clean up; the operating system releases the lock
+    killed.communicate(timeout=60)
+    assert (folder / ".lock").exists()
+    again = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), "--run-name", "same", "--transport-steps", "0",
+                    "--rm-epochs", "0", "--no-rm-train-backbone")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"an unfinished earlier run left in {folder}" in again.stdout
+    args = vgf_llm.Args(output_dir=str(tmp_path / "runs"), run_name="same")  # now a finished run: refused too
+    with pytest.raises(vgf_llm.VGFError, match=f"--run-name same: {folder} already holds a run; pass another"):
+        vgf_llm.RunFolder.claim(args, str(tiny_setup / "model"))
+
+
+DISK_FULL = '''import builtins, errno, runpy, sys
+real_open, target = builtins.open, sys.argv.pop(1)
+
+class FullDisk:  # a file on a full disk: a few bytes land, then the write fails
+    def __init__(self, f): self.f = f
+    def write(self, data): self.f.write(data[:8]); raise OSError(errno.ENOSPC, "No space left on device")
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.f.close()
+    def close(self): self.f.close()
+
+def full_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    return FullDisk(f) if target in str(file) and ("w" in mode or "a" in mode) else f
+
+builtins.open = full_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_disk_full_while_saving_the_reward_model_is_named_and_leaves_nothing(tiny_setup, tmp_path):
+    """A real run whose value_head.pt write fails like a full disk: one error line, exit 2, no partial
+    reward_model/ and no run folder left."""
+    (tmp_path / "full_disk.py").write_text(DISK_FULL)
+    cmd = [sys.executable, str(tmp_path / "full_disk.py"), "value_head.pt", os.path.join(ROOT, "vgf_llm.py"),
+           "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "prefs.jsonl"), "--output-dir",
+           str(tmp_path / "runs"), "--run-name", "full", "--rm-epochs", "1", "--no-rm-train-backbone"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
+    folder = tmp_path / "runs" / "full"
+    assert error_line(out) == f"error: no space left on the device while writing {folder / 'reward_model'}"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("target", ["judge_vs_compute.png", "samples.jsonl", "summary.json"])
+def test_disk_full_while_writing_results_is_named_and_leaves_nothing(tiny_setup, tmp_path, monkeypatch, target):
+    """The results' writes fail like a full disk (a few bytes land, then ENOSPC): the error names the file, no
+    partial or empty file is left, and the failed run's folder is removed."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:8])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if target in str(file) and "w" in mode else f
+
+    monkeypatch.setattr(vgf_llm, "open", full_open, raising=False)  # the program's own writes
+    args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                        output_dir=str(tmp_path / "runs"), run_name="full", num_particles=2, max_new_tokens=4,
+                        num_eval_prompts=2, eval_fraction=0.25, transport_steps=[0],
+                        reward_model=str(trained_reward_model(tiny_setup)))
+    folder = tmp_path / "runs" / "full"
+    with pytest.raises(vgf_llm.VGFError) as failure:
+        vgf_llm.main(args)
+    assert str(failure.value) == f"no space left on the device while writing {folder / target}"
+    assert os.listdir(folder) == [name for name in os.listdir(folder) if not name.startswith(target)]  # no partial
+    vgf_llm.clean_after_failure()  # what the program does next
+    assert not (tmp_path / "runs").exists()
+
+
+def trained_reward_model(tiny_setup):
+    """A reward model with its own (random) backbone saved beside the head, as a trained backbone is saved."""
+    from transformers import AutoModel
+
+    folder = tiny_setup / "trained_rm"
+    if not folder.exists():
+        torch.manual_seed(5)
+        rm = vgf_llm.RewardModel(AutoModel.from_pretrained(tiny_setup / "model"))
+        rm.save(str(folder), qwen_tokenizer(), dict(base_model=str(tiny_setup / "model")))
+    return folder
+
+
+def test_damaged_files_are_named(tiny_setup, tmp_path):
+    """A truncated model.safetensors of a reward model, a config.json that is not JSON (its JSON error, no unrelated
+    download hint), a truncated value head and a broken reward-model record: one error each."""
+    from transformers import AutoModelForCausalLM
+
+    damaged = tmp_path / "rm"
+    shutil.copytree(trained_reward_model(tiny_setup), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(vgf_llm.VGFError, match=f"^the weights in {damaged} are damaged or incomplete \(Error while "
+                                               "deserializing header"):
+        vgf_llm.RewardModel.load(str(damaged), torch.float32)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_setup / "model", model)
+    (model / "config.json").write_text((model / "config.json").read_text()[:-20])
+    with pytest.raises(vgf_llm.VGFError) as failure:
+        vgf_llm.from_pretrained(AutoModelForCausalLM, str(model))
+    assert str(failure.value).startswith(f"{model / 'config.json'} is not valid JSON (Unterminated string starting at: "
+                                         "line 34 column 3")
+    assert "download" not in str(failure.value)
+    head = tmp_path / "rm_head"
+    shutil.copytree(trained_reward_model(tiny_setup), head)
+    (head / "value_head.pt").write_bytes((head / "value_head.pt").read_bytes()[:100])
+    with pytest.raises(vgf_llm.VGFError, match="value_head.pt is damaged or not a value head of this program"):
+        vgf_llm.RewardModel.load(str(head), torch.float32)
+    (head / "vgf_reward.json").write_text("{not json")
+    with pytest.raises(vgf_llm.VGFError, match="vgf_reward.json is not valid JSON"):
+        vgf_llm.RewardModel.load(str(head), torch.float32)
+
+
+def test_out_of_memory_is_named(tiny_setup, tmp_path):
+    """An allocation the machine cannot serve (here: an address-space limit of 4 GiB and 200,000 responses in one
+    micro-batch) ends with one line naming the stage, the size asked for, and what to make smaller."""
+    import resource
+
+    limit = 4 * 2**30
+    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(tiny_setup / "model"), "--dataset",
+           str(tiny_setup / "prefs.jsonl"), "--output-dir", str(tmp_path / "runs"), "--num-particles", "100000",
+           "--micro-batch-size", "100000", "--max-new-tokens", "6", "--num-eval-prompts", "2", "--eval-fraction",
+           "0.25", "--transport-steps", "0", "1", "--reward-model", str(trained_reward_model(tiny_setup))]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    message = error_line(out)
+    assert message.startswith("error: out of memory while sampling from the base model (tried to allocate "), message
+    assert message.endswith(" GiB); pass a smaller --num-particles, --prompt-batch-size or --micro-batch-size")
+    assert "200000 responses (2 prompts x 100000 particles)" in out.stdout  # the size estimate came first
+    assert not (tmp_path / "runs").exists()
+    assert vgf_llm.out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == 2 * 2**30
+    assert vgf_llm.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_dataset_format_problems_are_named(tiny_setup, tmp_path):
+    array = tmp_path / "prefs.json"
+    array.write_text(json.dumps([dict(prompt="a", chosen="b", rejected="c")] * 4, indent=1))
+    out = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), "--dataset", str(array))
+    assert error_line(out).startswith(f"error: {array} starts with `[`, a JSON array; JSONL is expected: one JSON object "
+                                 "per line")
+    assert not (tmp_path / "runs").exists()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                      b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(vgf_llm.VGFError, match=r"latin.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        vgf_llm.read_jsonl(str(latin))
+
+
+def test_a_hub_judge_that_does_not_exist_is_named_before_any_model_loads(tiny_setup, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                        output_dir=str(tmp_path / "runs"), judge="no-such-org/no-such-judge")
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the judge was checked")
+
+    monkeypatch.setattr(vgf_llm, "from_pretrained", no_loading)
+    with pytest.raises(vgf_llm.VGFError, match=r"offline \(HF_HUB_OFFLINE=1\) and not in the local cache: --judge "
+                                               r"no-such-org/no-such-judge\. On a connected machine run `hf download"):
+        vgf_llm.main(args)
+    monkeypatch.setattr(vgf_llm, "hub_offline", lambda: False)  # online: the hub says it has no such repository
+
+    def repo_info(self, repo, repo_type=None, timeout=None):
+        response = type("Response", (), dict(status_code=404, headers={}, request=None, url=""))()
+        raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo} not found", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    with pytest.raises(vgf_llm.VGFError, match="not found: --judge no-such-org/no-such-judge \\(no such model on the "
+                                               "hub\\)"):
+        vgf_llm.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_more_eval_prompts_than_held_out_and_large_batches_are_announced(tiny_setup, tmp_path, monkeypatch, capsys):
+    """--num-eval-prompts above the held-out prompts: a one-line warning and the ones there are; a large prompt batch:
+    a size estimate first and progress lines while it runs."""
+    monkeypatch.setattr(vgf_llm, "LARGE_BATCH_ROWS", 8)
+    monkeypatch.setattr(vgf_llm, "PROGRESS_SECONDS", 0.0)
+    args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                        output_dir=str(tmp_path), run_name="many", num_particles=12, max_new_tokens=4,
+                        num_eval_prompts=1000, eval_fraction=0.25, prompt_batch_size=6, micro_batch_size=8,
+                        transport_steps=[0, 1], transport="mh", rm_epochs=0, rm_train_backbone=False)
+    summary = json.load(open(os.path.join(vgf_llm.main(args), "summary.json")))
+    out = capsys.readouterr().out
+    assert "warning: --num-eval-prompts 1000: the held-out data has 6 distinct prompts; evaluating those 6\n" in out
+    assert summary["num_prompts"] == 6
+    assert "prompt batch 1/1: 72 responses (6 prompts x 12 particles) of up to 4 tokens" in out
+    assert "  reference sampler: 8/72 sequences after " in out and "  suffix sampler: " in out
