@@ -451,25 +451,18 @@ def write_rows(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def test_hub_schemas_subsets_and_shuffling(tmp_path):
-    """Local copies of the hub layouts, loaded through datasets.load_dataset like the hub ones."""
-    args = lambda **kw: vgf_llm.Args(**dict(dict(rm_train_pairs=10, rm_eval_pairs=4, num_eval_prompts=2), **kw))
-    # Anthropic/hh-rlhf: one folder per subset, chosen/rejected transcripts
-    hh = tmp_path / "hh"
+def write_hh_layout(hh):
+    """Anthropic/hh-rlhf's layout: one folder per subset, chosen/rejected transcripts, train and test splits."""
     for sub in ("helpful-base", "harmless-base"):
         for split in ("train", "test"):
             ask = lambda i: f"\n\nHuman: {sub} q{i}?\n\nAssistant:"
             rows = [dict(chosen=f"{ask(i)} yes {i}", rejected=f"{ask(i)} no") for i in range(20)]
             write_rows(str(hh / sub / f"{split}.jsonl"), rows)
-    train, test = vgf_llm.load_preferences(args(dataset=str(hh)))
-    assert len(train) == 10 and len(test) == 8
-    assert {r["prompt"].split()[1] for r in train} == {"helpful-base", "harmless-base"}  # drawn from all of the data
-    assert train == vgf_llm.load_preferences(args(dataset=str(hh)))[0]  # seeded
-    assert train != vgf_llm.load_preferences(args(dataset=str(hh), seed=2))[0]
-    train, _ = vgf_llm.load_preferences(args(dataset=str(hh), dataset_subset="helpful-base"))
-    assert all("helpful-base" in r["prompt"] for r in train) and train[0]["chosen"].startswith("yes")
-    # openai/summarize_from_feedback: configs axis and comparisons; info.post, summaries[], choice
-    sff = tmp_path / "sff"
+    return hh
+
+
+def write_summarize_layout(sff):
+    """openai/summarize_from_feedback's layout: configs axis and comparisons; info.post, summaries[], choice."""
     (sff / "comparisons").mkdir(parents=True)
     (sff / "README.md").write_text(
         "---\nconfigs:\n- config_name: axis\n  data_files:\n  - split: validation\n    path: axis/validation.jsonl\n"
@@ -488,6 +481,21 @@ def test_hub_schemas_subsets_and_shuffling(tmp_path):
     for split in ("train", "validation"):
         write_rows(str(sff / "comparisons" / f"{split}.jsonl"), comp)
     write_rows(str(sff / "axis" / "validation.jsonl"), [dict(info=comp[0]["info"], summary=dict(text="x"))])
+    return sff
+
+
+def test_hub_schemas_subsets_and_shuffling(tmp_path):
+    """Local copies of the hub layouts, loaded through datasets.load_dataset like the hub ones."""
+    args = lambda **kw: vgf_llm.Args(**dict(dict(rm_train_pairs=10, rm_eval_pairs=4, num_eval_prompts=2), **kw))
+    hh = write_hh_layout(tmp_path / "hh")
+    train, test = vgf_llm.load_preferences(args(dataset=str(hh)))
+    assert len(train) == 10 and len(test) == 8
+    assert {r["prompt"].split()[1] for r in train} == {"helpful-base", "harmless-base"}  # drawn from all of the data
+    assert train == vgf_llm.load_preferences(args(dataset=str(hh)))[0]  # seeded
+    assert train != vgf_llm.load_preferences(args(dataset=str(hh), seed=2))[0]
+    train, _ = vgf_llm.load_preferences(args(dataset=str(hh), dataset_subset="helpful-base"))
+    assert all("helpful-base" in r["prompt"] for r in train) and train[0]["chosen"].startswith("yes")
+    sff = write_summarize_layout(tmp_path / "sff")
     with pytest.raises(vgf_llm.VGFError, match="--dataset-config"):
         vgf_llm.load_preferences(args(dataset=str(sff)))
     train, test = vgf_llm.load_preferences(args(dataset=str(sff), dataset_config="comparisons"))
@@ -562,7 +570,8 @@ def test_bf16_backbone_training_moves_float32_weights(tiny_setup):
     assert changed > 0.95, changed  # about 0.15 when the same steps update bfloat16 weights
 
 
-def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
+def write_classifier(folder):
+    """A tiny 2-label sequence classifier (label 0 named POSITIVE) with the Qwen tokenizer: a stand-in hub judge."""
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
     tok = qwen_tokenizer()
@@ -573,8 +582,14 @@ def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
         label2id={"POSITIVE": 0, "NEGATIVE": 1},
     )
     model = Qwen2ForSequenceClassification(cfg).eval()
-    model.save_pretrained(tmp_path / "judge")
-    tok.save_pretrained(tmp_path / "judge")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
+
+    tok, model = qwen_tokenizer(), write_classifier(tmp_path / "judge")
     judge = vgf_llm.Judge(str(tmp_path / "judge"), vgf_llm.Args(), "cpu", torch.float32, fallback=None)
     prompts, responses = ["\n\nHuman: Hi there?\n\nAssistant:", "Tell me a joke."], ["Hello!", "No."]
     got = judge(prompts, responses)
@@ -1044,3 +1059,35 @@ def test_more_eval_prompts_than_held_out_and_large_batches_are_announced(tiny_se
     assert summary["num_prompts"] == 6
     assert "prompt batch 1/1: 72 responses (6 prompts x 12 particles) of up to 4 tokens" in out
     assert "  reference sampler: 8/72 sequences after " in out and "  suffix sampler: " in out
+
+
+def test_documented_hub_commands_run_with_local_stand_ins(tiny_setup, tmp_path):
+    """docs/llm.md's "Commands" block as written, with local stand-ins in the hub layouts for the hub ids (the tiny
+    model for Qwen2.5-1.5B, HH and summarize_from_feedback folders, also for the default dataset, a tiny classifier
+    for the hub judge) and tiny settings appended."""
+    text = open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read()
+    section = text[text.index("## Commands") :]
+    block = section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+    commands = [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(commands) == 4 and all(c.startswith("python vgf_llm.py ") for c in commands), commands
+    stand_ins = {"--model Qwen2.5-1.5B": f"--model {tiny_setup / 'model'}",
+                 "Anthropic/hh-rlhf": str(write_hh_layout(tmp_path / "hh")),
+                 "openai/summarize_from_feedback": str(write_summarize_layout(tmp_path / "sff")),
+                 "OpenAssistant/reward-model-deberta-v3-large-v2": str(tmp_path / "judge"),
+                 "runs/<run>/reward_model": str(tmp_path / "runs" / "first" / "reward_model"),
+                 "--transport-steps 0 1 2 4 8": "--transport-steps 0 1"}
+    write_classifier(tmp_path / "judge")
+    tiny = ["--output-dir", str(tmp_path / "runs"), "--num-particles", "2", "--max-new-tokens", "4",
+            "--num-eval-prompts", "2", "--rm-train-pairs", "8", "--rm-eval-pairs", "4", "--micro-batch-size", "4"]
+    for index, command in enumerate(commands):
+        for hub_id, local in stand_ins.items():
+            command = command.replace(hub_id, local)
+        extra = tiny + (["--run-name", "first"] if index == 0 else [])
+        if "--dataset " not in command:  # the default dataset is a hub id too
+            extra += ["--dataset", stand_ins["Anthropic/hh-rlhf"]]
+        if "--transport-steps" not in command:
+            extra += ["--transport-steps", "0", "1"]
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), *command.split()[2:], *extra],
+                             capture_output=True, text=True, env=cli_env(), timeout=600)
+        assert out.returncode == 0, (command, out.stderr[-3000:])
+        assert "wrote " in out.stdout
