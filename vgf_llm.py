@@ -620,6 +620,46 @@ def transport(start_ids, start_live, models, args, trace=None):
     return record
 
 
+def transport_models(reference, args, run):
+    """The reward, mu's token scores and mu's suffix sampler over the reference batch's prompts, each adding the
+    token-forwards it runs to the batch's ComputeTally."""
+    compute, micro_batch, stop_ids = reference.compute, args.micro_batch_size, run.stop_ids
+    rm_cache = prompt_cache(run.rm.backbone, reference.prompt_ids, reference.prompt_mask)
+    compute.prompt_prefill += int(reference.prompt_mask.sum())
+
+    def prompt_of(ids):  # rows of ids hold several proposals per particle (topk): same order, same prompts
+        rows_per_prompt = len(ids) // reference.num_prompts
+        return torch.arange(len(ids), device=ids.device) // rows_per_prompt
+
+    def reward(ids, embeddings=None, with_gradient=False):
+        live = through_first_stop(ids, stop_ids).long()
+        embeddings = run.embed(ids).float() if embeddings is None else embeddings
+        compute.reward_forward += ids.numel()
+        if with_gradient:
+            compute.reward_backward += 2 * ids.numel()
+        out = response_rewards(run.rm, rm_cache, prompt_of(ids), embeddings, live, micro_batch, with_gradient)
+        return synced(run.device, out)
+
+    def token_scores(ids, top_k=0):
+        if top_k:  # a pass whose only use is the evaluation's NLL is not counted
+            compute.candidates += len(ids) * (ids.shape[1] - 1)
+        live = through_first_stop(ids, stop_ids).long()
+        out = response_token_scores(run.lm, reference.lm_cache, prompt_of(ids), ids, live, run.allowed, top_k,
+                                    micro_batch)
+        return synced(run.device, out)
+
+    def resample_suffix(ids, positions, tokens, excluded):
+        new_ids, new_ends, prefix_forwards, sampling_forwards = resample_suffixes(
+            run.lm, reference.lm_cache, prompt_of(ids), ids, positions, tokens, excluded, stop_ids, run.end_id,
+            run.tok.pad_token_id, micro_batch)
+        compute.suffix_prefix += prefix_forwards
+        compute.suffix_sampling += sampling_forwards
+        return synced(run.device, (new_ids, new_ends))
+
+    return TransportModels(reward, token_scores, resample_suffix, run.embed.weight.detach().float(), run.allowed,
+                           stop_ids, run.end_id, compute, run.spacing)
+
+
 # Transport `embed`: SVGD, phi(x_i) = (1/N) sum_j [k(x_j, x_i) grad R(x_j) / alpha + grad_{x_j} k(x_j, x_i)]
 def svgd_direction(x, score):
     """x, score: (B, N, D) particles of B prompts; RBF kernel with the median bandwidth h = med(d^2) / (2 log(N+1))."""
@@ -853,7 +893,7 @@ def topk_search(ids, ends, models, args, record):
         record.take(step, ids, ends, reward, scores.logp, accepted=accepted)
 
 
-# The transports' model calls, over the prompts' caches
+# The transports' model calls over the prompts' caches (built by transport_models)
 def response_rewards(rm, cache, prompt_of_row, embeddings, live, micro_batch, with_gradient):
     """R(x, y) of responses given as embeddings (rows, W, d), the prompts' keys and values from `cache`; with
     with_gradient also dR/d(embeddings)."""
@@ -933,46 +973,6 @@ def resample_suffixes(lm, cache, prompt_of_row, ids, positions, tokens, excluded
         new_rows.append(torch.where(columns < t[:, None], rows_ids[:, : width - 1], from_sample))
     new_ids, live = close_responses(torch.cat(new_rows), stop_ids, pad_id, end_id, width)
     return new_ids, live.sum(1) - 1, prefix_forwards, sampling_forwards
-
-
-def transport_models(reference, args, run):
-    """The reward, mu's token scores and mu's suffix sampler over the reference batch's prompts, each adding the
-    token-forwards it runs to the batch's ComputeTally."""
-    compute, micro_batch, stop_ids = reference.compute, args.micro_batch_size, run.stop_ids
-    rm_cache = prompt_cache(run.rm.backbone, reference.prompt_ids, reference.prompt_mask)
-    compute.prompt_prefill += int(reference.prompt_mask.sum())
-
-    def prompt_of(ids):  # rows of ids hold several proposals per particle (topk): same order, same prompts
-        rows_per_prompt = len(ids) // reference.num_prompts
-        return torch.arange(len(ids), device=ids.device) // rows_per_prompt
-
-    def reward(ids, embeddings=None, with_gradient=False):
-        live = through_first_stop(ids, stop_ids).long()
-        embeddings = run.embed(ids).float() if embeddings is None else embeddings
-        compute.reward_forward += ids.numel()
-        if with_gradient:
-            compute.reward_backward += 2 * ids.numel()
-        out = response_rewards(run.rm, rm_cache, prompt_of(ids), embeddings, live, micro_batch, with_gradient)
-        return synced(run.device, out)
-
-    def token_scores(ids, top_k=0):
-        if top_k:  # a pass whose only use is the evaluation's NLL is not counted
-            compute.candidates += len(ids) * (ids.shape[1] - 1)
-        live = through_first_stop(ids, stop_ids).long()
-        out = response_token_scores(run.lm, reference.lm_cache, prompt_of(ids), ids, live, run.allowed, top_k,
-                                    micro_batch)
-        return synced(run.device, out)
-
-    def resample_suffix(ids, positions, tokens, excluded):
-        new_ids, new_ends, prefix_forwards, sampling_forwards = resample_suffixes(
-            run.lm, reference.lm_cache, prompt_of(ids), ids, positions, tokens, excluded, stop_ids, run.end_id,
-            run.tok.pad_token_id, micro_batch)
-        compute.suffix_prefix += prefix_forwards
-        compute.suffix_sampling += sampling_forwards
-        return synced(run.device, (new_ids, new_ends))
-
-    return TransportModels(reward, token_scores, resample_suffix, run.embed.weight.detach().float(), run.allowed,
-                           stop_ids, run.end_id, compute, run.spacing)
 
 
 # ALGO LOGIC: evaluation. Per prompt, at every L: the particle of highest R (VGF's selection; L = 0 is best-of-N),

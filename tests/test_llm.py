@@ -168,6 +168,12 @@ def test_end_to_end_cli(tiny_setup):
         assert all(math.isfinite(res[k]) for k in ("judge2", "judge2_diff_se", "kl_estimate", "forwards_per_prompt"))
     fwd = [summary["transport"][str(L)]["forwards_per_prompt"] for L in STEPS]
     assert all(a < b for a, b in zip(fwd, fwd[1:])), fwd
+    by_term = summary["forwards_per_prompt_by_term"]  # the named terms add up to the total at max(L)
+    assert set(by_term) == {"prompt_prefill", "sampling", "reward_forward", "reward_backward", "candidates",
+                            "suffix_prefix", "suffix_sampling"} and math.isclose(sum(by_term.values()), fwd[-1])
+    moves = summary["moves_by_step"]  # mh: the share of accepted moves at each step, and of tokens outside the top-k
+    assert len(moves) == max(STEPS) and all(0 <= m["accepted_share"] <= 1 and 0 <= m["outside_share"] <= 1
+                                            for m in moves)
     front = summary["best_of_n"]
     assert set(front) == {"1", "2"} and front["1"]["kl_bound"] == 0 and front["1"]["forwards_per_prompt"] < fwd[0]
     # every particle's trajectory: N particles x (max L + 1) steps of text, R and NLL per prompt
@@ -803,6 +809,9 @@ def test_demonstration_commands_run_on_the_tiny_model(tiny_setup, tmp_path):
         assert summary["num_prompts"] == 3 and summary["reward_model"]["path"] == "runs/rm/reward_model"
     assert (tmp_path / "docs" / "judge_vs_compute.png").stat().st_size > 1000
     assert "vs best-of" in out.stdout  # the paired matched-compute table of --plot-runs
+    excerpt = json.load(open(tmp_path / "docs" / "llm_results.json"))  # the documented tables' source
+    assert [run["run"] for run in excerpt] == ["bon", "mh", "mh0", "embed", "topk"]
+    assert "| mh τ 5 κ 5 | L = 2 |" in out.stdout and "| mh τ 5 κ 5: accepted |" in out.stdout
 
 
 def test_offline_the_default_model_and_dataset_are_named_in_one_message(tmp_path):
@@ -1091,3 +1100,21 @@ def test_documented_hub_commands_run_with_local_stand_ins(tiny_setup, tmp_path):
                              capture_output=True, text=True, env=cli_env(), timeout=600)
         assert out.returncode == 0, (command, out.stderr[-3000:])
         assert "wrote " in out.stdout
+
+
+def test_a_full_disk_is_recognised_inside_library_errors(tmp_path):
+    """Libraries wrap ENOSPC in their own errors (safetensors while saving a trained backbone): still named as a full
+    disk, and the partly written folder is removed."""
+    import errno
+
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                           'on device" })')
+    assert vgf_llm.disk_full(wrapped) and vgf_llm.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not vgf_llm.disk_full(OSError(errno.EACCES, "Permission denied"))
+    target = tmp_path / "reward_model"
+    with pytest.raises(vgf_llm.VGFError, match=f"^no space left on the device while writing {target}$"):
+        with vgf_llm.written_atomically(str(target)) as staging:
+            os.makedirs(staging)
+            (tmp_path / staging / "model.safetensors").write_bytes(b"partial")
+            raise wrapped
+    assert os.listdir(tmp_path) == []
