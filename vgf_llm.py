@@ -1,8 +1,8 @@
 # Value Gradient Flow (VGF) for language models: a base model mu + a learned reward model R -> N responses drawn
 # from mu and transported toward pi* ∝ mu · exp(R / alpha). Three transports: `embed`, SVGD on the token embeddings
 # (the paper's LLM experiments as a third-party summary describes them; the paper's LLM code and particle space were
-# never published), `mh`, value-gradient Metropolis-Hastings (its chains leave pi* invariant and reach it from mu's
-# samples), and `topk`, a greedy search baseline.
+# never published), `mh`, value-gradient Metropolis-Hastings (its chains leave pi* invariant and, started from mu's
+# samples, tend to pi* as the steps grow), and `topk`, a greedy search baseline.
 # Paper: "Reinforcement Learning via Value Gradient Flow", Xu, Hu, Sojoudi, Zhang (ICLR 2026), arXiv 2604.14265.
 # Stages, in the paper's order, each algorithm beside the function that drives it: value learning -> reference
 # sampler -> transport (embed, mh, topk) -> evaluation, then main. Below the banner after main: loading, checks, run
@@ -740,8 +740,8 @@ class ChainState(NamedTuple):
     ids: torch.Tensor
     ends: torch.Tensor
     reward: torch.Tensor
-    gradient: torch.Tensor  # (rows, W, d)
-    scores: TokenScores  # with the top-k candidates
+    gradient: Optional[torch.Tensor]  # (rows, W, d); None for the gradient-free sampler
+    scores: TokenScores  # with the top-k candidates (none for the gradient-free sampler)
 
 
 class ProposalWeights(NamedTuple):
@@ -761,8 +761,19 @@ class MoveTerms(NamedTuple):
         return self.log_position + self.tilt - self.log_normaliser
 
 
+def gradient_free(args):
+    """τ = κ = 0: a uniform column and mu's own next token, so the chain needs neither R's gradient nor mu's top-k."""
+    return args.mh_tau == 0 and args.mh_kappa == 0
+
+
 def chain_state(ids, ends, models, args):
-    """R and its gradient at the tokens (one backward through R) and mu's top-k candidates at every column."""
+    """R and its gradient at the tokens (one backward through R) and mu's top-k candidates at every column; the
+    gradient-free sampler has R only, no candidates (every token lies outside the empty set) and log mu for the NLL."""
+    if gradient_free(args):
+        scores = models.token_scores(ids)  # log mu only, for the evaluation's NLL
+        no_candidates = ids.new_zeros(*ids.shape, 0)
+        scores = TokenScores(scores.logp, no_candidates, no_candidates.float(), torch.zeros(ids.shape))
+        return ChainState(ids, ends, models.reward(ids), None, scores)
     reward, gradient = models.reward(ids, models.table[ids], with_gradient=True)
     return ChainState(ids, ends, reward, gradient, models.token_scores(ids, args.top_k))
 
@@ -771,9 +782,13 @@ def proposal_weights(state, table, tau, kappa):
     """Δ_t(v) = g_t·(E_v − E_{y_t}) over the candidates C_t (mu's top-k after y_<t), the position proposal
     q(t|y) ∝ exp(κ max_v Δ_t(v)) over the changeable columns, and the token proposal's log-weights
     log mu(v|y_<t) + τΔ_t(v) on C_t and log mu(V \\ C_t | y_<t) for the rest, whose log-sum is log Z_t(y)."""
+    changeable = changeable_columns(state.ends, state.ids.shape[1])
+    if state.gradient is None:  # gradient-free: every column the same weight, one token weight (all of mu)
+        log_position = torch.zeros(changeable.shape).masked_fill(~changeable, -torch.inf).log_softmax(-1)
+        token_logits = state.scores.outside_logmass[..., None]  # log 1: no candidates, so nothing is tilted
+        return ProposalWeights(log_position, token_logits, token_logits.logsumexp(-1))
     current = table[state.ids]
     gain = ((table[state.scores.candidates] - current[:, :, None]) * state.gradient[:, :, None]).sum(-1)
-    changeable = changeable_columns(state.ends, state.ids.shape[1])
     log_position = (kappa * gain.max(-1).values).masked_fill(~changeable, -torch.inf).log_softmax(-1)
     token_logits = torch.cat([state.scores.candidate_logp + tau * gain, state.scores.outside_logmass[..., None]], -1)
     return ProposalWeights(log_position, token_logits, token_logits.logsumexp(-1))
@@ -782,10 +797,13 @@ def proposal_weights(state, table, tau, kappa):
 def move_terms(state, weights, positions, tokens, table, tau):
     """log q(t|y), τΔ_t(v)·1[v ∈ C_t] and log Z_t(y) of the move from state y that puts token v at column t."""
     rows = torch.arange(len(positions), device=positions.device)
-    gain = (state.gradient[rows, positions] * (table[tokens] - table[state.ids[rows, positions]])).sum(-1)
-    in_candidates = (state.scores.candidates[rows, positions] == tokens[:, None]).any(-1)
-    return MoveTerms(weights.log_position[rows, positions], torch.where(in_candidates, tau * gain, 0.0),
-                     weights.log_normaliser[rows, positions])
+    if state.gradient is None:  # gradient-free: nothing is tilted
+        tilt = torch.zeros(len(positions), device=positions.device)
+    else:
+        gain = (state.gradient[rows, positions] * (table[tokens] - table[state.ids[rows, positions]])).sum(-1)
+        in_candidates = (state.scores.candidates[rows, positions] == tokens[:, None]).any(-1)
+        tilt = torch.where(in_candidates, tau * gain, 0.0)
+    return MoveTerms(weights.log_position[rows, positions], tilt, weights.log_normaliser[rows, positions])
 
 
 def mh_log_acceptance(current, proposal, forward, reverse, alpha):
@@ -799,8 +817,9 @@ def keep_accepted(accepted, proposal, current):
         return torch.where(accepted.view(-1, *[1] * (new.dim() - 1)), new, old)
 
     scores = TokenScores(*(pick(new, old) for new, old in zip(proposal.scores, current.scores)))
+    gradient = None if current.gradient is None else pick(proposal.gradient, current.gradient)
     return ChainState(pick(proposal.ids, current.ids), pick(proposal.ends, current.ends),
-                      pick(proposal.reward, current.reward), pick(proposal.gradient, current.gradient), scores)
+                      pick(proposal.reward, current.reward), gradient, scores)
 
 
 def mh_step(state, models, args):
@@ -810,9 +829,10 @@ def mh_step(state, models, args):
     positions = torch.multinomial(weights.log_position.exp(), 1)[:, 0]  # t ~ q(t|y)
     choice = torch.multinomial(weights.token_logits[rows, positions].softmax(-1), 1)[:, 0]  # v | t
     candidates = state.scores.candidates[rows, positions]
-    outside = choice == candidates.shape[1]  # the last weight: a token of mu outside C_t
-    candidate = candidates.gather(1, choice.clamp(max=candidates.shape[1] - 1)[:, None])[:, 0]
-    tokens = torch.where(outside, OUTSIDE, candidate)
+    outside_option = torch.full((len(rows), 1), OUTSIDE, dtype=candidates.dtype, device=candidates.device)
+    choices = torch.cat([candidates, outside_option], 1)  # the last weight: a token of mu outside C_t
+    tokens = choices.gather(1, choice[:, None])[:, 0]
+    outside = tokens == OUTSIDE
     new_ids, new_ends = models.resample_suffix(state.ids, positions, tokens, candidates)  # y'_>t ~ mu(·|x, y_<t, v)
     proposal = chain_state(new_ids, new_ends, models, args)
     proposed_tokens = new_ids[rows, positions]  # v, including the ones drawn outside C_t
@@ -840,7 +860,9 @@ def mh_transport(ids, ends, models, args, record):
     reverse has positive probability, so the chain is irreducible on mu's support and a chain's distribution tends to
     pi* as the steps grow (tested by enumeration). Not exact: L finite (chains start from mu), the returned particle
     (the highest R of N chains, a best-of-N over chain states), and float error between model passes. τ = κ = 0 is
-    the gradient-free sampler that resamples the suffix from a uniform column with mu's own next token."""
+    the gradient-free sampler that resamples the suffix from a uniform column with mu's own next token; it runs
+    neither R's backward pass nor mu's top-k pass (log A = (R(y') − R(y))/α + log q(t|y') − log q(t|y), q uniform
+    over each response's changeable columns)."""
     record.take(0, ids, ends, models.reward(ids), models.token_scores(ids).logp)
     if max(args.transport_steps) == 0:
         return

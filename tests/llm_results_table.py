@@ -13,6 +13,7 @@ The frontier run is the one with --best-of-n; every run must have been evaluated
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -39,14 +40,15 @@ def excerpt_of(folder):
     summary = json.load(open(os.path.join(folder, "summary.json")))
     records = [json.loads(line) for line in open(os.path.join(folder, "samples.jsonl"))]
     judges = list(summary["judges"])
-    per_prompt = lambda entries: {key: [e[key] for e in entries] for key in judges + ["nll", "reward"]}
+    per_prompt = lambda entries: {key: [round(e[key], 4) for e in entries] for key in judges + ["nll", "reward"]}
     keep = ["forwards_per_prompt", "seconds_per_prompt", "nll_per_token", "kl_estimate", "kl_estimate_se",
             "kl_bound", "particles_moved", "tokens_changed"] + [f"{j}{s}" for j in judges for s in ("", "_se")]
     point = lambda result: {k: v for k, v in result.items() if k in keep}
     return dict(
         run=os.path.basename(os.path.normpath(folder)), label=label(summary), judges=summary["judges"],
         transport_name=summary["args"]["transport"] if len(summary["transport"]) > 1 else "best-of-n",
-        num_prompts=summary["num_prompts"], prompts=[r["prompt"] for r in records],
+        num_prompts=summary["num_prompts"],
+        prompts_sha256=hashlib.sha256(json.dumps([r["prompt"] for r in records]).encode()).hexdigest(),
         reward_model=summary["reward_model"], moves_by_step=summary.get("moves_by_step", []),
         forwards_per_prompt_by_term=summary.get("forwards_per_prompt_by_term", {}),
         transport={L: dict(point(x), per_prompt=per_prompt([r["vgf"][L] for r in records]))
@@ -58,7 +60,7 @@ def excerpt_of(folder):
 def tables(runs):
     frontier = next(run for run in runs if run["best_of_n"])
     judges = list(frontier["judges"])
-    assert all(run["prompts"] == frontier["prompts"] for run in runs), "the runs were evaluated on other prompts"
+    assert all(run["prompts_sha256"] == frontier["prompts_sha256"] for run in runs), "runs evaluated on other prompts"
     names = [frontier["judges"][j] for j in judges]
     lines = ["| method | n or L | " + " | ".join(names) + " | NLL/token | KL | fwd/prompt | s/prompt |",
              "|-|-|" + "-|" * (len(judges) + 4)]

@@ -113,8 +113,8 @@ def tv_to_target(ids):
 
 
 def test_the_problem_is_sharp():
-    """pi* is far from mu, and a third of mu's first tokens lie outside its top-3: a chain that cannot propose them
-    (the reducible sampler) stays far from pi*."""
+    """pi* is far from mu, and 23 % of mu's first tokens lie outside its top-3 (a chain that cannot propose them
+    cannot reach pi*)."""
     seqs, p = target()
     mu = token_scores(seqs).logp.sum(1).exp()
     assert 0.5 * (mu - p).abs().sum() > 0.3

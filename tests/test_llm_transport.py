@@ -233,8 +233,9 @@ def test_suffix_resampling_over_the_prompt_cache_equals_full_passes(setup, monke
 def test_compute_is_counted_by_named_terms(setup):
     """The program's model calls (transport_models) add what they run to named terms: L = 0 costs the prompts'
     prefill in both models and the samples' scoring; a step of mh its chains' first state (once), a prefix and a
-    suffix per chain, a reward forward and backward and a pass for the candidates; topk the candidates (once), a
-    gradient and its re-scored proposals; embed a gradient and the re-scoring."""
+    suffix per chain, a reward forward and backward and a pass for the candidates (the gradient-free mh: no backward,
+    no candidates); topk the candidates (once), a gradient and its re-scored proposals; embed a gradient and the
+    re-scoring."""
     from types import SimpleNamespace
 
     from transformers import Qwen2Model
@@ -247,11 +248,11 @@ def test_compute_is_counted_by_named_terms(setup):
                                end_id=EOS, tok=SimpleNamespace(pad_token_id=PAD), spacing=None,
                                device=torch.device("cpu"))
     run_like.rm.requires_grad_(False)
-    for mode in MODES:
+    for mode, extra in [("embed", {}), ("topk", {}), ("mh", {}), ("mh", dict(mh_tau=0.0, mh_kappa=0.0))]:
         reference = vgf_llm.ReferenceBatch(setup["p_ids"], setup["p_mask"], setup["cache"],
                                            torch.arange(rows) // setup["n"], ids, live, 0.0,
                                            vgf_llm.ComputeTally(prompt_prefill=prompt_tokens))
-        args = args_for(mode, [0, 1], micro_batch_size=3)
+        args = args_for(mode, [0, 1], micro_batch_size=3, **extra)
         models = vgf_llm.transport_models(reference, args, run_like)
         torch.manual_seed(0)
         record = vgf_llm.transport(ids, live, models, args)
@@ -259,7 +260,13 @@ def test_compute_is_counted_by_named_terms(setup):
         assert start == dict(prompt_prefill=2 * prompt_tokens, sampling=0, reward_forward=rows * width,
                              reward_backward=0, candidates=0, suffix_prefix=0, suffix_sampling=0), (mode, start)
         added = {term: step[term] - start[term] for term in step}
-        if mode == "mh":
+        if mode == "mh" and extra:  # gradient-free: the proposals' R and suffixes only (no backward, no top-k)
+            positions = record.at[1].position
+            prefix = sum(len(p) * int(p.max()) for p in positions.split(3))
+            assert added == dict(prompt_prefill=0, sampling=0, reward_forward=2 * rows * width, reward_backward=0,
+                                 candidates=0, suffix_prefix=prefix, suffix_sampling=added["suffix_sampling"]), added
+            assert record.at[1].outside.all()  # every token is mu's own draw
+        elif mode == "mh":
             positions = record.at[1].position
             prefix = sum(len(p) * int(p.max()) for p in positions.split(3))  # y_<t, padded per micro-batch
             assert added == dict(prompt_prefill=0, sampling=0, reward_forward=2 * rows * width,
