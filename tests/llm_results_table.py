@@ -47,6 +47,7 @@ def excerpt_of(folder):
     return dict(
         run=os.path.basename(os.path.normpath(folder)), label=label(summary), judges=summary["judges"],
         transport_name=summary["args"]["transport"] if len(summary["transport"]) > 1 else "best-of-n",
+        uses_top_k=summary["args"]["transport"] == "topk" or summary["args"]["mh_tau"] + summary["args"]["mh_kappa"] > 0,
         num_prompts=summary["num_prompts"],
         prompts_sha256=hashlib.sha256(json.dumps([r["prompt"] for r in records]).encode()).hexdigest(),
         reward_model=summary["reward_model"], moves_by_step=summary.get("moves_by_step", []),
@@ -117,7 +118,7 @@ def tables(runs):
         for run in movers:
             accepted = " | ".join(f"{m['accepted_share']:.2f}" for m in run["moves_by_step"])
             lines.append(f"| {run['label']}: accepted | {accepted} |")
-            if "outside_share" in run["moves_by_step"][0]:
+            if "outside_share" in run["moves_by_step"][0] and run["uses_top_k"]:  # gradient-free: no top-k
                 outside = " | ".join(f"{m['outside_share']:.2f} ({m['outside_accepted_share']:.2f})"
                                      for m in run["moves_by_step"])
                 lines.append(f"| {run['label']}: outside the top-k (their acceptance) | {outside} |")
