@@ -99,6 +99,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=24, help="tokens per response")
     ap.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch")
     ap.add_argument("--seed", type=int, default=1, help="seed")
+    ap.add_argument("--num-prompts", type=int, default=len(TEMPLATES) * len(TOPICS),
+                    help="the first this many of the shuffled prompts (default: all 300)")
     a = ap.parse_args()
 
     random.seed(a.seed)
@@ -111,6 +113,7 @@ def main():
     vader, args = SentimentIntensityAnalyzer(), vgf_llm.Args()
     prompts = [t.format(x) for x in TOPICS for t in TEMPLATES]
     random.shuffle(prompts)
+    prompts = prompts[: a.num_prompts]
     eos_ids = torch.tensor([tok.eos_token_id])
     per = max(1, a.batch_size // a.samples)
     n_rows = 0
@@ -118,11 +121,11 @@ def main():
         for i in range(0, len(prompts), per):
             batch = prompts[i : i + per]
             ids, mask = vgf_llm.pad([vgf_llm.prompt_ids(tok, p, args) for p in batch], tok.pad_token_id, left=True)
-            gen = vgf_llm.sample_responses(
+            gen, _ = vgf_llm.sample_responses(
                 lm, ids.repeat_interleave(a.samples, 0), mask.repeat_interleave(a.samples, 0), a.max_new_tokens, 1.0,
                 eos_ids,
             )
-            gen, rmask = vgf_llm.truncate_at_eos(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
+            gen, rmask = vgf_llm.close_responses(gen, eos_ids, tok.pad_token_id, tok.eos_token_id)
             texts = [tok.decode(g[m.bool()], skip_special_tokens=True).strip() for g, m in zip(gen, rmask)]
             for b, p in enumerate(batch):
                 group = texts[b * a.samples : (b + 1) * a.samples]

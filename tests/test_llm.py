@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -167,6 +168,12 @@ def test_end_to_end_cli(tiny_setup):
         assert all(math.isfinite(res[k]) for k in ("judge2", "judge2_diff_se", "kl_estimate", "forwards_per_prompt"))
     fwd = [summary["transport"][str(L)]["forwards_per_prompt"] for L in STEPS]
     assert all(a < b for a, b in zip(fwd, fwd[1:])), fwd
+    by_term = summary["forwards_per_prompt_by_term"]  # the named terms add up to the total at max(L)
+    assert set(by_term) == {"prompt_prefill", "sampling", "reward_forward", "reward_backward", "candidates",
+                            "suffix_prefix", "suffix_sampling"} and math.isclose(sum(by_term.values()), fwd[-1])
+    moves = summary["moves_by_step"]  # mh: the share of accepted moves at each step, and of tokens outside the top-k
+    assert len(moves) == max(STEPS) and all(0 <= m["accepted_share"] <= 1 and 0 <= m["outside_share"] <= 1
+                                            for m in moves)
     front = summary["best_of_n"]
     assert set(front) == {"1", "2"} and front["1"]["kl_bound"] == 0 and front["1"]["forwards_per_prompt"] < fwd[0]
     # every particle's trajectory: N particles x (max L + 1) steps of text, R and NLL per prompt
@@ -198,69 +205,75 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         vgf_llm.from_pretrained(AutoModelForCausalLM, "no-such-org/no-such-model")
 
 
-def toy_problem(vocab=20, dim=4, B=2, N=4, T=5, seed=0):
-    """Token table, reference particles with some padding, and a toy differentiable reward R = sum_t m_t w.e_t."""
+STOP = 0  # the toy problems' stop token
+
+
+def toy_problem(vocab=20, dim=4, B=2, N=4, width=5, seed=0):
+    """Token table, reference particles of varied lengths (each closed by the stop token 0, padding after it), a
+    toy differentiable reward R = sum over live positions of w.e_t, and a uniform base model."""
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(vocab, dim, generator=g)
-    ids = torch.randint(0, vocab, (B * N, T), generator=g)
-    mask = torch.ones(B * N, T, dtype=torch.long)
-    mask[0, 3:] = 0
-    mask[5, 2:] = 0
+    tokens = torch.randint(1, vocab, (B * N, width - 1), generator=g)
+    tokens[0, 2], tokens[5, 1] = STOP, STOP  # two short responses
+    ids, live = vgf_llm.close_responses(tokens, torch.tensor([STOP]), STOP, STOP, width)
     w = torch.randn(dim, generator=g)
 
-    def reward_fn(x, emb, grad):
-        e = (table[x] if emb is None else emb).detach().requires_grad_(grad)
+    def reward(x, embeddings=None, with_gradient=False):
+        e = (table[x] if embeddings is None else embeddings).detach().requires_grad_(with_gradient)
         with torch.enable_grad():
-            r = ((e @ w) * mask.repeat_interleave(len(x) // len(ids), 0)).sum(1)
-        return (r.detach(), torch.autograd.grad(r.sum(), e)[0]) if grad else r.detach()
+            r = ((e @ w) * vgf_llm.through_first_stop(x, torch.tensor([STOP]))).sum(1)
+        return (r.detach(), torch.autograd.grad(r.sum(), e)[0]) if with_gradient else r.detach()
 
-    def logprob_fn(x, emb, top_k, grad):  # a uniform base model: every token equally likely
-        rep = len(x) // len(ids)
-        cand = torch.arange(top_k).expand(*x.shape, top_k) if top_k else None
-        cand_lp = torch.full(cand.shape, -math.log(vocab)) if top_k else None
-        lp = torch.full(x.shape, -math.log(vocab)) * mask.repeat_interleave(rep, 0)
-        return lp, cand, cand_lp, torch.zeros(*x.shape, dim)
+    def token_scores(x, top_k=0):  # a uniform base model: every token equally likely
+        logp = torch.full(x.shape, -math.log(vocab)) * vgf_llm.through_first_stop(x, torch.tensor([STOP]))
+        if not top_k:
+            return vgf_llm.TokenScores(logp)
+        candidates = torch.arange(top_k).expand(*x.shape, top_k)
+        outside = torch.full(x.shape, math.log(1 - top_k / vocab) if top_k < vocab else -math.inf)
+        return vgf_llm.TokenScores(logp, candidates, torch.full(candidates.shape, -math.log(vocab)), outside)
 
-    return table, ids, mask, reward_fn, logprob_fn, B, N
+    return table, ids, live, reward, token_scores, B, N
+
+
+def toy_models(table, reward, token_scores, **kw):
+    allowed = torch.ones(len(table), dtype=torch.bool)
+    return vgf_llm.TransportModels(reward, token_scores, None, table, allowed, torch.tensor([STOP]), STOP,
+                                   vgf_llm.ComputeTally(), **kw)
 
 
 def toy_args(**kw):
-    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5)
+    base = dict(transport="topk", top_k=20, num_proposals=4, alpha=1.0, lm_coef=1.0, step_size=0.5, num_particles=4)
     base.update(kw)
     return vgf_llm.Args(**base)
 
 
 def test_zero_steps_is_best_of_n():
-    table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
-    allowed = torch.ones(len(table), dtype=torch.bool)
+    table, ids, live, reward, token_scores, B, N = toy_problem()
     for mode in ("topk", "embed"):
-        snaps = vgf_llm.transport(
-            ids, mask, mask.bool(), N, [0, 2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
-        )
-        assert torch.equal(snaps[0][0], ids)
-        best, out_ids, out_r, _, _ = vgf_llm.select(snaps[0], N)
-        r = reward_fn(ids, None, False).view(B, N)
-        assert torch.equal(out_ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
-        assert torch.allclose(out_r, r.max(1).values)
+        record = vgf_llm.transport(ids, live, toy_models(table, reward, token_scores), toy_args(transport=mode,
+                                                                                               transport_steps=[0, 2]))
+        assert torch.equal(record.at[0].ids, ids)
+        selected = vgf_llm.select(record.at[0], N)
+        r = reward(ids).view(B, N)
+        assert torch.equal(selected.ids, ids.view(B, N, -1)[torch.arange(B), r.argmax(1)])
+        assert torch.allclose(selected.reward, r.max(1).values)
 
 
 def test_svgd_step_raises_toy_reward():
     torch.manual_seed(0)
     c = torch.tensor([2.0, -1.0, 0.5])
-    reward = lambda x: -((x - c) ** 2).sum(-1)  # toy differentiable reward
+    toy_reward = lambda x: -((x - c) ** 2).sum(-1)  # toy differentiable reward
     x = torch.randn(4, 8, 3).requires_grad_(True)
-    g = torch.autograd.grad(reward(x).sum(), x)[0]
+    g = torch.autograd.grad(toy_reward(x).sum(), x)[0]
     phi = vgf_llm.svgd_direction(x.detach(), g / 0.5)
-    assert reward(x.detach() + 0.05 * phi).mean() > reward(x.detach()).mean()
+    assert toy_reward(x.detach() + 0.05 * phi).mean() > toy_reward(x.detach()).mean()
     # the transport loop (both modes) raises the toy reward of the decoded tokens on average
-    table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
-    allowed = torch.ones(len(table), dtype=torch.bool)
-    r0 = reward_fn(ids, None, False).mean()
+    table, ids, live, reward, token_scores, B, N = toy_problem()
+    r0 = reward(ids).mean()
     for mode in ("topk", "embed"):
-        snaps = vgf_llm.transport(
-            ids, mask, mask.bool(), N, [0, 1, 3], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode)
-        )
-        assert snaps[1][1].mean() > r0 and snaps[3][1].mean() > r0, mode
+        record = vgf_llm.transport(ids, live, toy_models(table, reward, token_scores),
+                                   toy_args(transport=mode, transport_steps=[0, 1, 3]))
+        assert record.at[1].reward.mean() > r0 and record.at[3].reward.mean() > r0, mode
 
 
 def test_nearest_token_decoding_of_exact_embeddings_is_identity():
@@ -283,7 +296,8 @@ def test_bradley_terry_learns_separable_pairs():
     opt = torch.optim.Adam([q for q in rm.parameters() if q.requires_grad], lr=3e-3)
     losses, accs = [], []
     for _ in range(40):
-        loss, acc = vgf_llm.bradley_terry_loss(*vgf_llm.pair_rewards(rm, embed, p, c, j, 0, "cpu", 100))
+        loss, acc = vgf_llm.bradley_terry_loss(*vgf_llm.pair_outputs(rm, vgf_llm.PreferencePairs(p, c, j), 0, "cpu",
+                                                                     100))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -298,54 +312,65 @@ def test_padding_never_leaks_into_reward_or_kernel(pooling):
     p_ids, p_mask = vgf_llm.pad([[3, 4, 5, 6], [7, 8]], 0, left=True)
     r_ids, r_mask = vgf_llm.pad([[10, 11, 1], [12, 1]], 0, left=False, length=5)
     e = embed(r_ids).detach()
-    r1, g1 = vgf_llm.rewards(rm, embed, p_ids, p_mask, r_ids, r_mask, 8, r_emb=e, grad=True)
+    rows = torch.arange(2)
+    cache = vgf_llm.prompt_cache(rm.backbone, p_ids, p_mask)
+    r1, g1 = vgf_llm.response_rewards(rm, cache, rows, e, r_mask, 8, with_gradient=True)
     e2 = torch.where(r_mask.bool()[..., None], e, 100 * torch.randn_like(e))  # garbage at padded response positions
     p2 = torch.where(p_mask.bool(), p_ids, torch.randint_like(p_ids, 1, 40))  # other tokens at padded prompt positions
-    r2, g2 = vgf_llm.rewards(rm, embed, p2, p_mask, r_ids, r_mask, 8, r_emb=e2, grad=True)
+    cache2 = vgf_llm.prompt_cache(rm.backbone, p2, p_mask)
+    r2, g2 = vgf_llm.response_rewards(rm, cache2, rows, e2, r_mask, 8, with_gradient=True)
     assert torch.allclose(r1, r2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-5)
     assert g1[~r_mask.bool()].abs().max() == 0
-    # the SVGD direction ignores padded positions (kernel and bandwidth included) and leaves them at rest
+    # the SVGD direction ignores positions that may not change (kernel and bandwidth included) and leaves them at rest
     u, score = torch.randn(8, 5, 4), torch.randn(8, 5, 4)
-    pmask = torch.ones(8, 5, dtype=torch.bool)
-    pmask[0, 3:], pmask[5, 1:] = False, False
-    u2 = torch.where(pmask[..., None], u, 50 * torch.randn_like(u))
-    phi, phi2 = (vgf_llm.particle_direction(x, score, pmask, 4) for x in (u, u2))
-    assert torch.allclose(phi, phi2) and phi[~pmask].abs().max() == 0 and phi[pmask].abs().min() > 0
-    # the transport with different tokens at padded positions moves the real positions identically
-    table, ids, mask, reward_fn, logprob_fn, B, N = toy_problem()
-    allowed = torch.ones(len(table), dtype=torch.bool)
-    ids2 = torch.where(mask.bool(), ids, (ids + 7) % len(table))
+    changeable = torch.ones(8, 5, dtype=torch.bool)
+    changeable[0, 3:], changeable[5, 1:] = False, False
+    u2 = torch.where(changeable[..., None], u, 50 * torch.randn_like(u))
+    phi, phi2 = (vgf_llm.response_svgd_direction(x, score, changeable, 4) for x in (u, u2))
+    assert torch.allclose(phi, phi2) and phi[~changeable].abs().max() == 0 and phi[changeable].abs().min() > 0
+    # the transport with different tokens after the stop token moves the live positions identically
+    table, ids, live, reward, token_scores, B, N = toy_problem()
+    ids2 = torch.where(live.bool(), ids, (ids + 7) % len(table))
     for mode in ("embed", "topk"):
-        a = vgf_llm.transport(ids, mask, mask.bool(), N, [2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
-        b = vgf_llm.transport(ids2, mask, mask.bool(), N, [2], reward_fn, logprob_fn, table, allowed, toy_args(transport=mode))
-        real = mask.bool()
-        assert torch.equal(a[2][0][real], b[2][0][real]) and not torch.equal(a[2][0][real], ids[real]), mode
+        args = toy_args(transport=mode, transport_steps=[2])
+        a = vgf_llm.transport(ids, live, toy_models(table, reward, token_scores), args).at[2]
+        b = vgf_llm.transport(ids2, live, toy_models(table, reward, token_scores), args).at[2]
+        assert torch.equal(a.live, b.live) and torch.equal(a.ids[a.live.bool()], b.ids[b.live.bool()]), mode
+        assert not torch.equal(a.ids, ids), mode
 
 
-def test_truncate_at_eos():
+def test_close_responses_and_the_length_convention():
     tokens = torch.tensor([[5, 9, 6, 9], [5, 6, 7, 8]])
-    out, mask = vgf_llm.truncate_at_eos(tokens, torch.tensor([9]), 0, 9)
-    assert out.tolist() == [[5, 9, 0, 0, 0], [5, 6, 7, 8, 9]]
-    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    out, live = vgf_llm.close_responses(tokens, torch.tensor([9]), 0, 9)
+    assert out.tolist() == [[5, 9, 0, 0, 0], [5, 6, 7, 8, 9]]  # the second: a forced stop after 4 tokens
+    assert live.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    width = vgf_llm.response_width(4)
+    assert width == 5 and vgf_llm.last_sampled_column(width) == 3
+    out, live = vgf_llm.close_responses(tokens[:1], torch.tensor([9]), 0, 9, width)
+    assert out.tolist() == [[5, 9, 0, 0, 0]] and live.tolist() == [[1, 1, 0, 0, 0]]
+    ends = torch.tensor([1, 4])  # one ends early; one used the whole budget (forced stop in the last column)
+    assert vgf_llm.changeable_columns(ends, width).tolist() == [[True, True, False, False, False],
+                                                              [True, True, True, True, False]]
 
 
 def test_topk_transport_does_not_stall_on_rejected_moves():
     """The value gradient ranks the same token first at every position; the base model forbids it (log mu = -100).
-    Rejected moves must not be proposed again, so the flow goes on to the next-best tokens."""
-    table, ids, mask, reward_fn, _, B, N = toy_problem()
-    allowed = torch.ones(len(table), dtype=torch.bool)
-    grads = reward_fn(ids, None, True)[1]
-    forbidden = int((table @ grads[0, 0]).argmax())  # the token every position's first-order gain prefers
+    Rejected moves must not be proposed again, so the search goes on to the next-best tokens."""
+    table, ids, live, reward, _, B, N = toy_problem()
+    gradient = reward(ids, None, True)[1]
+    forbidden = int((table[1:] @ gradient[1, 0]).argmax()) + 1  # the token every position's first-order gain prefers
 
-    def logprob_fn(x, emb, top_k, grad):
-        rep = len(x) // len(ids)
-        lp = torch.where(x == forbidden, -100.0, 0.0) * mask.repeat_interleave(rep, 0)
-        return lp, torch.arange(top_k).expand(*x.shape, top_k) if top_k else None, torch.zeros(*x.shape, top_k), None
+    def token_scores(x, top_k=0):
+        logp = torch.where(x == forbidden, -100.0, 0.0) * vgf_llm.through_first_stop(x, torch.tensor([STOP]))
+        if not top_k:
+            return vgf_llm.TokenScores(logp)
+        candidates = torch.arange(top_k).expand(*x.shape, top_k)
+        return vgf_llm.TokenScores(logp, candidates, torch.zeros(candidates.shape), torch.full(x.shape, -torch.inf))
 
-    args = toy_args(num_proposals=1, top_k=len(table))
-    snaps = vgf_llm.transport(ids, mask, mask.bool(), N, [0, 12], reward_fn, logprob_fn, table, allowed, args)
-    assert not ((snaps[12][0] == forbidden) & (ids != forbidden)).any()  # the forbidden move was never taken
-    assert snaps[12][1].mean() > snaps[0][1].mean()
+    args = toy_args(num_proposals=1, top_k=len(table), transport_steps=[0, 12])
+    record = vgf_llm.transport(ids, live, toy_models(table, reward, token_scores), args)
+    assert not ((record.at[12].ids == forbidden) & (ids != forbidden)).any()  # the forbidden move was never taken
+    assert record.at[12].reward.mean() > record.at[0].reward.mean()
 
 
 def qwen_tokenizer():
@@ -377,7 +402,7 @@ def test_cli_errors_before_loading_and_no_run_folder(tiny_setup, tmp_path):
     assert not vgf_llm.looks_local("Anthropic/hh-rlhf") and vgf_llm.looks_local("data/prefs.jsonl")
 
 
-def test_end_of_turn_stops_responses_and_never_moves():
+def test_end_of_turn_stops_responses():
     """A base model's EOS is <|endoftext|>; with the chat template on, <|im_end|> must also end the response."""
     from transformers import GenerationConfig
 
@@ -388,11 +413,11 @@ def test_end_of_turn_stops_responses_and_never_moves():
     assert im_end in stop and tok.eos_token_id in stop and end == im_end
     assert vgf_llm.stop_tokens(tok, GenerationConfig(), chat_template=False) == ([tok.eos_token_id], tok.eos_token_id)
     gen = torch.tensor([[5, 6, im_end, 7, 8], [5, 6, 7, 8, 9]])
-    ids, mask = vgf_llm.truncate_at_eos(gen, torch.tensor(stop), tok.pad_token_id, end)
-    assert ids[0, :3].tolist() == [5, 6, im_end] and mask[0].tolist() == [1, 1, 1, 0, 0, 0]
-    assert ids[1, -1] == im_end  # a response at the length limit is closed by the end-of-turn token
-    movable = mask.bool() & ~torch.isin(ids, torch.tensor(stop))
-    assert not movable[ids == im_end].any()
+    ids, live = vgf_llm.close_responses(gen, torch.tensor(stop), tok.pad_token_id, end)
+    assert ids[0, :3].tolist() == [5, 6, im_end] and live[0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert ids[1, -1] == im_end  # a response at the length limit is closed by the end-of-turn token (forced stop)
+    changeable = vgf_llm.changeable_columns(live.sum(1) - 1, ids.shape[1])
+    assert changeable[0, 2] and not changeable[1, -1]  # a sampled stop may change, the forced one never
 
 
 def test_sampling_prefills_last_logits_and_stops_when_all_ended(tiny_setup):
@@ -404,8 +429,8 @@ def test_sampling_prefills_last_logits_and_stops_when_all_ended(tiny_setup):
     lm.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.logits.shape)))
     first = lm(input_ids=p_ids, attention_mask=p_mask).logits[:, -1].argmax(-1)  # greedy first tokens
     shapes.clear()
-    out = vgf_llm.sample_responses(lm, p_ids, p_mask, 8, 0.0, torch.unique(first))
-    assert out.shape == (2, 8) and torch.equal(out[:, 0], first)
+    out, forwards = vgf_llm.sample_responses(lm, p_ids, p_mask, 8, 0.0, torch.unique(first))
+    assert out.shape == (2, 8) and torch.equal(out[:, 0], first) and forwards == 0
     assert shapes == [(2, 1, lm.config.vocab_size)]  # one prefill, last-position logits only, no decode step
 
 
@@ -432,25 +457,18 @@ def write_rows(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
-def test_hub_schemas_subsets_and_shuffling(tmp_path):
-    """Local copies of the hub layouts, loaded through datasets.load_dataset like the hub ones."""
-    args = lambda **kw: vgf_llm.Args(**dict(dict(rm_train_pairs=10, rm_eval_pairs=4, num_eval_prompts=2), **kw))
-    # Anthropic/hh-rlhf: one folder per subset, chosen/rejected transcripts
-    hh = tmp_path / "hh"
+def write_hh_layout(hh):
+    """Anthropic/hh-rlhf's layout: one folder per subset, chosen/rejected transcripts, train and test splits."""
     for sub in ("helpful-base", "harmless-base"):
         for split in ("train", "test"):
             ask = lambda i: f"\n\nHuman: {sub} q{i}?\n\nAssistant:"
             rows = [dict(chosen=f"{ask(i)} yes {i}", rejected=f"{ask(i)} no") for i in range(20)]
             write_rows(str(hh / sub / f"{split}.jsonl"), rows)
-    train, test = vgf_llm.load_preferences(args(dataset=str(hh)))
-    assert len(train) == 10 and len(test) == 8
-    assert {r["prompt"].split()[1] for r in train} == {"helpful-base", "harmless-base"}  # drawn from all of the data
-    assert train == vgf_llm.load_preferences(args(dataset=str(hh)))[0]  # seeded
-    assert train != vgf_llm.load_preferences(args(dataset=str(hh), seed=2))[0]
-    train, _ = vgf_llm.load_preferences(args(dataset=str(hh), dataset_subset="helpful-base"))
-    assert all("helpful-base" in r["prompt"] for r in train) and train[0]["chosen"].startswith("yes")
-    # openai/summarize_from_feedback: configs axis and comparisons; info.post, summaries[], choice
-    sff = tmp_path / "sff"
+    return hh
+
+
+def write_summarize_layout(sff):
+    """openai/summarize_from_feedback's layout: configs axis and comparisons; info.post, summaries[], choice."""
     (sff / "comparisons").mkdir(parents=True)
     (sff / "README.md").write_text(
         "---\nconfigs:\n- config_name: axis\n  data_files:\n  - split: validation\n    path: axis/validation.jsonl\n"
@@ -469,6 +487,21 @@ def test_hub_schemas_subsets_and_shuffling(tmp_path):
     for split in ("train", "validation"):
         write_rows(str(sff / "comparisons" / f"{split}.jsonl"), comp)
     write_rows(str(sff / "axis" / "validation.jsonl"), [dict(info=comp[0]["info"], summary=dict(text="x"))])
+    return sff
+
+
+def test_hub_schemas_subsets_and_shuffling(tmp_path):
+    """Local copies of the hub layouts, loaded through datasets.load_dataset like the hub ones."""
+    args = lambda **kw: vgf_llm.Args(**dict(dict(rm_train_pairs=10, rm_eval_pairs=4, num_eval_prompts=2), **kw))
+    hh = write_hh_layout(tmp_path / "hh")
+    train, test = vgf_llm.load_preferences(args(dataset=str(hh)))
+    assert len(train) == 10 and len(test) == 8
+    assert {r["prompt"].split()[1] for r in train} == {"helpful-base", "harmless-base"}  # drawn from all of the data
+    assert train == vgf_llm.load_preferences(args(dataset=str(hh)))[0]  # seeded
+    assert train != vgf_llm.load_preferences(args(dataset=str(hh), seed=2))[0]
+    train, _ = vgf_llm.load_preferences(args(dataset=str(hh), dataset_subset="helpful-base"))
+    assert all("helpful-base" in r["prompt"] for r in train) and train[0]["chosen"].startswith("yes")
+    sff = write_summarize_layout(tmp_path / "sff")
     with pytest.raises(vgf_llm.VGFError, match="--dataset-config"):
         vgf_llm.load_preferences(args(dataset=str(sff)))
     train, test = vgf_llm.load_preferences(args(dataset=str(sff), dataset_config="comparisons"))
@@ -537,14 +570,14 @@ def test_bf16_backbone_training_moves_float32_weights(tiny_setup):
     class NoWriter:
         add_scalar = staticmethod(lambda *a: None)
 
-    embed = rm.backbone.get_input_embeddings()
-    vgf_llm.train_reward_model(rm, embed, tok, rows, rows[:2], args, "cpu", NoWriter(), 1, bf16=True)
+    vgf_llm.train_reward_model(rm, tok, rows, rows[:2], args, "cpu", NoWriter(), 1, bf16=True)
     after = dict(rm.backbone.named_parameters())
     changed = sum(int((after[k] != v).sum()) for k, v in before.items()) / sum(v.numel() for v in before.values())
     assert changed > 0.95, changed  # about 0.15 when the same steps update bfloat16 weights
 
 
-def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
+def write_classifier(folder):
+    """A tiny 2-label sequence classifier (label 0 named POSITIVE) with the Qwen tokenizer: a stand-in hub judge."""
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
     tok = qwen_tokenizer()
@@ -555,8 +588,14 @@ def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
         label2id={"POSITIVE": 0, "NEGATIVE": 1},
     )
     model = Qwen2ForSequenceClassification(cfg).eval()
-    model.save_pretrained(tmp_path / "judge")
-    tok.save_pretrained(tmp_path / "judge")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+def test_hub_judge_scores_the_positive_label_in_its_chat_template(tmp_path):
+
+    tok, model = qwen_tokenizer(), write_classifier(tmp_path / "judge")
     judge = vgf_llm.Judge(str(tmp_path / "judge"), vgf_llm.Args(), "cpu", torch.float32, fallback=None)
     prompts, responses = ["\n\nHuman: Hi there?\n\nAssistant:", "Tell me a joke."], ["Hello!", "No."]
     got = judge(prompts, responses)
@@ -594,10 +633,6 @@ def test_check_args_refuses_what_would_crash_or_change_nothing(tmp_path, monkeyp
     monkeypatch.setattr(vgf_llm.os, "access", lambda p, m: p != str(tmp_path / "ro") and real_access(p, m))
     refused(args(output_dir=str(tmp_path / "ro" / "runs")), "(permission denied); pass a writable folder")
     monkeypatch.undo()
-    # a --run-name whose folder holds a run
-    (tmp_path / "runs" / "a" / "reward_model").mkdir(parents=True)
-    refused(args(run_name="a"), f"--run-name a: {tmp_path / 'runs' / 'a'} already holds a run; pass another "
-                                f"--run-name or delete the folder (reuse its reward model with --reward-model")
     # --judge vader without the package: refused before any model loads
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vaderSentiment"
@@ -685,4 +720,401 @@ def test_ctrl_c_ends_with_one_line_and_no_run_folder(tiny_setup, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
-    assert os.listdir(tmp_path / "runs") == []  # the unfinished run folder is removed
+    assert not (tmp_path / "runs").exists()  # the unfinished run folder is removed (and the --output-dir it made)
+
+
+# ------------------------------------------------------------------------------ the demonstration, as documented
+def cli_env(**extra):
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", **extra)
+
+
+def test_frozen_backbone_reward_model_trains_its_head(tiny_setup, tmp_path):
+    """--no-rm-train-backbone: the backbone's pooled features are computed once and the head trains on them (the
+    Identity-head path flattened the features: 'mat1 and mat2 shapes cannot be multiplied (1x8 and 576x1)')."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    tok = qwen_tokenizer()
+    args = vgf_llm.Args(rm_train_backbone=False, rm_pooling="mean", rm_epochs=3, rm_lr=1e-2, rm_batch_size=4,
+                        rm_eval_pairs=8)
+    rm = vgf_llm.build_reward_model(str(tiny_setup / "model"), None, lm, args, torch.float32)
+    backbone_before = {k: v.clone() for k, v in rm.backbone.state_dict().items()}
+    head_before = rm.head.weight.detach().clone()
+    rows = [dict(prompt=f"item {i}", chosen=f"It is {g}.", rejected=f"It is {b}.")
+            for i, (g, b) in enumerate([("good", "bad"), ("great", "awful"), ("lovely", "sad")] * 8)]
+
+    class Writer:
+        losses = []
+        add_scalar = staticmethod(lambda name, value, step: Writer.losses.append(value) if name == "losses/rm_bt_loss" else None)
+
+    info = vgf_llm.train_reward_model(rm, tok, rows, rows[:8], args, "cpu", Writer(), tok.eos_token_id)
+    hidden = lm.config.hidden_size
+    assert rm.head.weight.shape == (1, hidden) and rm.head.bias.shape == (1,)
+    assert not torch.equal(rm.head.weight, head_before)  # the head trained ...
+    assert all(torch.equal(v, backbone_before[k]) for k, v in rm.backbone.state_dict().items())  # ... the backbone not
+    assert len(Writer.losses) >= 2 and Writer.losses[-1] < Writer.losses[0], Writer.losses
+    assert info["heldout_pairs"] == 8 and 0 <= info["heldout_accuracy"] <= 1
+    pairs = vgf_llm.encode_pairs(tok, rows[:3], args, tok.eos_token_id)
+    features = vgf_llm.pair_outputs(rm, pairs, tok.pad_token_id, "cpu", 2, features=True)
+    rewards = vgf_llm.pair_outputs(rm, pairs, tok.pad_token_id, "cpu", 2)
+    assert features[0].shape == (3, hidden) and rewards[0].shape == (3,)
+    assert torch.allclose(rm.head(features[0]).squeeze(-1), rewards[0], atol=1e-5)
+
+
+DEMONSTRATION_SCALE = [  # (documented setting, tiny setting): each must occur in the documented block
+    ("--out sentiment_prefs.jsonl", "--out sentiment_prefs.jsonl --num-prompts 48 --max-new-tokens 8"),
+    ("--num-eval-prompts 100", "--num-eval-prompts 3"),
+    ("--rm-epochs 30", "--rm-epochs 2"),
+    ("--num-particles 64", "--num-particles 4"),
+    ("--best-of-n 1 2 4 8 16 32 64", "--best-of-n 1 2 4"),
+    ("--num-particles 8", "--num-particles 3"),
+    ("--transport-steps 0 1 2 4 8", "--transport-steps 0 1 2"),
+    ("--max-new-tokens 16", "--max-new-tokens 5"),
+]
+
+
+def demonstration_block():
+    """The bash block of docs/llm.md's "Demonstration" section."""
+    text = open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read()
+    section = text[text.index("## Demonstration") :]
+    return section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+
+
+def test_demonstration_commands_run_on_the_tiny_model(tiny_setup, tmp_path):
+    """Every command of the documented demonstration runs as written, with the tiny random model in place of
+    SmolLM2 and tiny settings in place of the documented ones (no pip installs)."""
+    pytest.importorskip("vaderSentiment", reason="the demonstration judges with VADER: pip install vaderSentiment")
+    script = demonstration_block()
+    for documented, tiny in DEMONSTRATION_SCALE:
+        assert documented in script, f"docs/llm.md no longer says {documented!r}: update DEMONSTRATION_SCALE"
+        script = script.replace(documented, tiny)
+    lines = []
+    for line in script.splitlines():
+        if line.startswith("pip install"):
+            continue
+        if line.startswith("GGUF="):
+            line = f"GGUF={tiny_setup / 'model'}"  # a model folder where the demonstration has a .gguf file
+        lines.append(line.replace("python vgf_llm.py", f"{sys.executable} {ROOT}/vgf_llm.py")
+                     .replace("python tests/", f"{sys.executable} {ROOT}/tests/"))
+    (tmp_path / "demo.sh").write_text("set -euo pipefail\n" + "\n".join(lines) + "\n")
+    out = subprocess.run(["bash", str(tmp_path / "demo.sh")], capture_output=True, text=True, cwd=tmp_path,
+                         env=cli_env(), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "held-out pairwise accuracy" in out.stdout
+    assert len((tmp_path / "sentiment_prefs.jsonl").read_text().splitlines()) >= 10  # pairs with a preference
+    assert (tmp_path / "runs" / "rm" / "reward_model" / "value_head.pt").is_file()
+    for name in ("bon", "mh", "mh0", "embed", "topk"):
+        summary = json.load(open(tmp_path / "runs" / name / "summary.json"))
+        assert summary["num_prompts"] == 3 and summary["reward_model"]["path"] == "runs/rm/reward_model"
+    assert (tmp_path / "docs" / "judge_vs_compute.png").stat().st_size > 1000
+    assert "vs best-of" in out.stdout  # the paired matched-compute table of --plot-runs
+    excerpt = json.load(open(tmp_path / "docs" / "llm_results.json"))  # the documented tables' source
+    assert [run["run"] for run in excerpt] == ["bon", "mh", "mh0", "embed", "topk"]
+    assert "| mh τ 5 κ 5 | L = 2 |" in out.stdout and "| mh τ 5 κ 5: accepted |" in out.stdout
+
+
+def test_offline_the_default_model_and_dataset_are_named_in_one_message(tmp_path):
+    """Offline with nothing downloaded, the first message names both the default model and the default dataset."""
+    env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--output-dir", str(tmp_path / "runs")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    message = error_line(out)
+    assert message.startswith("error: offline")
+    for expected in ("--model Qwen/Qwen2.5-1.5B", "--dataset Anthropic/hh-rlhf", "`hf download Qwen/Qwen2.5-1.5B`",
+                     "`hf download Anthropic/hh-rlhf --repo-type dataset`"):
+        assert expected in message, message
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ nothing lost, every failure named (issue list)
+def error_line(out):
+    """The one `error:` line a failed run ends with (libraries may print progress bars before it); no traceback."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    return errors[0]
+
+
+def start_training(tiny_setup, output_dir, run_name):
+    """A run that trains its reward model for a long time; returns once it is training."""
+    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(tiny_setup / "model"), "--dataset",
+           str(tiny_setup / "prefs.jsonl"), "--output-dir", str(output_dir), "--run-name", run_name,
+           "--rm-epochs", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    for line in proc.stdout:
+        if line.startswith("rm epoch"):
+            return proc
+    raise AssertionError(proc.stderr.read())
+
+
+def test_a_run_folder_belongs_to_one_run_at_a_time(tiny_setup, tmp_path):
+    """A second process with the same --run-name is refused while the first runs (an OS lock); SIGTERM ends the first
+    like Ctrl-C and leaves no folder; a run killed outright leaves a stub that the next run clears."""
+    import signal
+
+    first = start_training(tiny_setup, tmp_path / "runs", "same")
+    second = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), "--run-name", "same")
+    folder = tmp_path / "runs" / "same"
+    assert error_line(second) == (f"error: the run folder {folder} is in use by another run (process {first.pid}); "
+                                  "wait for it to finish or pass another --run-name")
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and err.strip().splitlines()[-1] == "terminated (SIGTERM)", err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()  # nothing left that blocks the name
+    killed = start_training(tiny_setup, tmp_path / "runs", "same")
+    killed.kill()  # SIGKILL: no chance to clean up; the operating system releases the lock
+    killed.communicate(timeout=60)
+    assert (folder / ".lock").exists()
+    again = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), "--run-name", "same", "--transport-steps", "0",
+                    "--rm-epochs", "0", "--no-rm-train-backbone")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"an unfinished earlier run left in {folder}" in again.stdout
+    args = vgf_llm.Args(output_dir=str(tmp_path / "runs"), run_name="same")  # now a finished run: refused too
+    with pytest.raises(vgf_llm.VGFError, match=f"--run-name same: {folder} already holds a run; pass another"):
+        vgf_llm.RunFolder.claim(args, str(tiny_setup / "model"))
+
+
+DISK_FULL = '''import builtins, errno, runpy, sys
+real_open, target = builtins.open, sys.argv.pop(1)
+
+class FullDisk:  # a file on a full disk: a few bytes land, then the write fails
+    def __init__(self, f): self.f = f
+    def write(self, data): self.f.write(data[:8]); raise OSError(errno.ENOSPC, "No space left on device")
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.f.close()
+    def close(self): self.f.close()
+
+def full_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    return FullDisk(f) if target in str(file) and ("w" in mode or "a" in mode) else f
+
+builtins.open = full_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_disk_full_while_saving_the_reward_model_is_named_and_leaves_nothing(tiny_setup, tmp_path):
+    """A real run whose value_head.pt write fails like a full disk: one error line, exit 2, no partial
+    reward_model/ and no run folder left."""
+    (tmp_path / "full_disk.py").write_text(DISK_FULL)
+    cmd = [sys.executable, str(tmp_path / "full_disk.py"), "value_head.pt", os.path.join(ROOT, "vgf_llm.py"),
+           "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "prefs.jsonl"), "--output-dir",
+           str(tmp_path / "runs"), "--run-name", "full", "--rm-epochs", "1", "--no-rm-train-backbone"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
+    folder = tmp_path / "runs" / "full"
+    assert error_line(out) == f"error: no space left on the device while writing {folder / 'reward_model'}"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("target", ["judge_vs_compute.png", "samples.jsonl", "summary.json"])
+def test_disk_full_while_writing_results_is_named_and_leaves_nothing(tiny_setup, tmp_path, monkeypatch, target):
+    """The results' writes fail like a full disk (a few bytes land, then ENOSPC): the error names the file, no
+    partial or empty file is left, and the failed run's folder is removed."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:8])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f) if target in str(file) and "w" in mode else f
+
+    monkeypatch.setattr(vgf_llm, "open", full_open, raising=False)  # the program's own writes
+    args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                        output_dir=str(tmp_path / "runs"), run_name="full", num_particles=2, max_new_tokens=4,
+                        num_eval_prompts=2, eval_fraction=0.25, transport_steps=[0],
+                        reward_model=str(trained_reward_model(tiny_setup)))
+    folder = tmp_path / "runs" / "full"
+    with pytest.raises(vgf_llm.VGFError) as failure:
+        vgf_llm.main(args)
+    assert str(failure.value) == f"no space left on the device while writing {folder / target}"
+    assert os.listdir(folder) == [name for name in os.listdir(folder) if not name.startswith(target)]  # no partial
+    vgf_llm.clean_after_failure()  # what the program does next
+    assert not (tmp_path / "runs").exists()
+
+
+def trained_reward_model(tiny_setup):
+    """A reward model with its own (random) backbone saved beside the head, as a trained backbone is saved."""
+    from transformers import AutoModel
+
+    folder = tiny_setup / "trained_rm"
+    if not folder.exists():
+        torch.manual_seed(5)
+        rm = vgf_llm.RewardModel(AutoModel.from_pretrained(tiny_setup / "model"))
+        rm.save(str(folder), qwen_tokenizer(), dict(base_model=str(tiny_setup / "model")))
+    return folder
+
+
+def test_damaged_files_are_named(tiny_setup, tmp_path):
+    """A truncated model.safetensors of a reward model, a config.json that is not JSON (its JSON error, no unrelated
+    download hint), a truncated value head and a broken reward-model record: one error each."""
+    from transformers import AutoModelForCausalLM
+
+    damaged = tmp_path / "rm"
+    shutil.copytree(trained_reward_model(tiny_setup), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(vgf_llm.VGFError, match=f"^the weights in {damaged} are damaged or incomplete \(Error while "
+                                               "deserializing header"):
+        vgf_llm.RewardModel.load(str(damaged), torch.float32)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_setup / "model", model)
+    (model / "config.json").write_text((model / "config.json").read_text()[:-20])
+    with pytest.raises(vgf_llm.VGFError) as failure:
+        vgf_llm.from_pretrained(AutoModelForCausalLM, str(model))
+    assert str(failure.value).startswith(f"{model / 'config.json'} is not valid JSON (Unterminated string starting at: "
+                                         "line 34 column 3")
+    assert "download" not in str(failure.value)
+    head = tmp_path / "rm_head"
+    shutil.copytree(trained_reward_model(tiny_setup), head)
+    (head / "value_head.pt").write_bytes((head / "value_head.pt").read_bytes()[:100])
+    with pytest.raises(vgf_llm.VGFError, match="value_head.pt is damaged or not a value head of this program"):
+        vgf_llm.RewardModel.load(str(head), torch.float32)
+    (head / "vgf_reward.json").write_text("{not json")
+    with pytest.raises(vgf_llm.VGFError, match="vgf_reward.json is not valid JSON"):
+        vgf_llm.RewardModel.load(str(head), torch.float32)
+
+
+def test_out_of_memory_is_named(tiny_setup, tmp_path):
+    """An allocation the machine cannot serve (here: an address-space limit of 4 GiB and 200,000 responses in one
+    micro-batch) ends with one line naming the stage, the size asked for, and what to make smaller."""
+    import resource
+
+    limit = 4 * 2**30
+    cmd = [sys.executable, os.path.join(ROOT, "vgf_llm.py"), "--model", str(tiny_setup / "model"), "--dataset",
+           str(tiny_setup / "prefs.jsonl"), "--output-dir", str(tmp_path / "runs"), "--num-particles", "100000",
+           "--micro-batch-size", "100000", "--max-new-tokens", "6", "--num-eval-prompts", "2", "--eval-fraction",
+           "0.25", "--transport-steps", "0", "1", "--reward-model", str(trained_reward_model(tiny_setup))]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    message = error_line(out)
+    assert message.startswith("error: out of memory while sampling from the base model (tried to allocate "), message
+    assert message.endswith(" GiB); pass a smaller --num-particles, --prompt-batch-size or --micro-batch-size")
+    assert "200000 responses (2 prompts x 100000 particles)" in out.stdout  # the size estimate came first
+    assert not (tmp_path / "runs").exists()
+    assert vgf_llm.out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == 2 * 2**30
+    assert vgf_llm.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_dataset_format_problems_are_named(tiny_setup, tmp_path):
+    array = tmp_path / "prefs.json"
+    array.write_text(json.dumps([dict(prompt="a", chosen="b", rejected="c")] * 4, indent=1))
+    out = run_cli(tiny_setup, "--output-dir", str(tmp_path / "runs"), "--dataset", str(array))
+    assert error_line(out).startswith(f"error: {array} starts with `[`, a JSON array; JSONL is expected: one JSON object "
+                                 "per line")
+    assert not (tmp_path / "runs").exists()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                      b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(vgf_llm.VGFError, match=r"latin.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        vgf_llm.read_jsonl(str(latin))
+
+
+def test_a_hub_judge_that_does_not_exist_is_named_before_any_model_loads(tiny_setup, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                        output_dir=str(tmp_path / "runs"), judge="no-such-org/no-such-judge")
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the judge was checked")
+
+    monkeypatch.setattr(vgf_llm, "from_pretrained", no_loading)
+    with pytest.raises(vgf_llm.VGFError, match=r"offline \(HF_HUB_OFFLINE=1\) and not in the local cache: --judge "
+                                               r"no-such-org/no-such-judge\. On a connected machine run `hf download"):
+        vgf_llm.main(args)
+    monkeypatch.setattr(vgf_llm, "hub_offline", lambda: False)  # online: the hub says it has no such repository
+
+    def repo_info(self, repo, repo_type=None, timeout=None):
+        response = type("Response", (), dict(status_code=404, headers={}, request=None, url=""))()
+        raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo} not found", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    with pytest.raises(vgf_llm.VGFError, match="not found: --judge no-such-org/no-such-judge \\(no such model on the "
+                                               "hub\\)"):
+        vgf_llm.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_more_eval_prompts_than_held_out_and_large_batches_are_announced(tiny_setup, tmp_path, monkeypatch, capsys):
+    """--num-eval-prompts above the held-out prompts: a one-line warning and the ones there are; a large prompt batch:
+    a size estimate first and progress lines while it runs."""
+    monkeypatch.setattr(vgf_llm, "LARGE_BATCH_ROWS", 8)
+    monkeypatch.setattr(vgf_llm, "PROGRESS_SECONDS", 0.0)
+    args = vgf_llm.Args(model=str(tiny_setup / "model"), dataset=str(tiny_setup / "prefs.jsonl"),
+                        output_dir=str(tmp_path), run_name="many", num_particles=12, max_new_tokens=4,
+                        num_eval_prompts=1000, eval_fraction=0.25, prompt_batch_size=6, micro_batch_size=8,
+                        transport_steps=[0, 1], transport="mh", rm_epochs=0, rm_train_backbone=False)
+    summary = json.load(open(os.path.join(vgf_llm.main(args), "summary.json")))
+    out = capsys.readouterr().out
+    assert "warning: --num-eval-prompts 1000: the held-out data has 6 distinct prompts; evaluating those 6\n" in out
+    assert summary["num_prompts"] == 6
+    assert "prompt batch 1/1: 72 responses (6 prompts x 12 particles) of up to 4 tokens" in out
+    assert "  reference sampler: 8/72 sequences after " in out and "  suffix sampler: " in out
+
+
+def test_documented_hub_commands_run_with_local_stand_ins(tiny_setup, tmp_path):
+    """docs/llm.md's "Commands" block as written, with local stand-ins in the hub layouts for the hub ids (the tiny
+    model for Qwen2.5-1.5B, HH and summarize_from_feedback folders, also for the default dataset, a tiny classifier
+    for the hub judge) and tiny settings appended."""
+    text = open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read()
+    section = text[text.index("## Commands") :]
+    block = section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+    commands = [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(commands) == 4 and all(c.startswith("python vgf_llm.py ") for c in commands), commands
+    stand_ins = {"--model Qwen2.5-1.5B": f"--model {tiny_setup / 'model'}",
+                 "Anthropic/hh-rlhf": str(write_hh_layout(tmp_path / "hh")),
+                 "openai/summarize_from_feedback": str(write_summarize_layout(tmp_path / "sff")),
+                 "OpenAssistant/reward-model-deberta-v3-large-v2": str(tmp_path / "judge"),
+                 "runs/<run>/reward_model": str(tmp_path / "runs" / "first" / "reward_model"),
+                 "--transport-steps 0 1 2 4 8": "--transport-steps 0 1"}
+    write_classifier(tmp_path / "judge")
+    tiny = ["--output-dir", str(tmp_path / "runs"), "--num-particles", "2", "--max-new-tokens", "4",
+            "--num-eval-prompts", "2", "--rm-train-pairs", "8", "--rm-eval-pairs", "4", "--micro-batch-size", "4"]
+    for index, command in enumerate(commands):
+        for hub_id, local in stand_ins.items():
+            command = command.replace(hub_id, local)
+        extra = tiny + (["--run-name", "first"] if index == 0 else [])
+        if "--dataset " not in command:  # the default dataset is a hub id too
+            extra += ["--dataset", stand_ins["Anthropic/hh-rlhf"]]
+        if "--transport-steps" not in command:
+            extra += ["--transport-steps", "0", "1"]
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "vgf_llm.py"), *command.split()[2:], *extra],
+                             capture_output=True, text=True, env=cli_env(), timeout=600)
+        assert out.returncode == 0, (command, out.stderr[-3000:])
+        assert "wrote " in out.stdout
+
+
+def test_a_full_disk_is_recognised_inside_library_errors(tmp_path):
+    """Libraries wrap ENOSPC in their own errors (safetensors while saving a trained backbone): still named as a full
+    disk, and the partly written folder is removed."""
+    import errno
+
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                           'on device" })')
+    assert vgf_llm.disk_full(wrapped) and vgf_llm.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not vgf_llm.disk_full(OSError(errno.EACCES, "Permission denied"))
+    target = tmp_path / "reward_model"
+    with pytest.raises(vgf_llm.VGFError, match=f"^no space left on the device while writing {target}$"):
+        with vgf_llm.written_atomically(str(target)) as staging:
+            os.makedirs(staging)
+            (tmp_path / staging / "model.safetensors").write_bytes(b"partial")
+            raise wrapped
+    assert os.listdir(tmp_path) == []
