@@ -1518,6 +1518,8 @@ class Run:
                             self.fingerprint)
             self.saved_step = step
             self.progress.write(f"checkpoint saved to {self.checkpoint_path} (step {step})")
+            self.progress.unpause()  # not training time either
+            self.last_log_time = time.time()
 
     def evaluate_checkpoint(self) -> str:
         print(f"evaluating {self.resumed_from} (step {self.start_step}) on {self.args.env_id}")

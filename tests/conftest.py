@@ -29,8 +29,9 @@ def rollouts(env, episodes: int, length: int, seed: int):
         for t in range(length):
             action = np.clip(0.6 * np.sin(0.3 * t + phase) + 0.3 * rng.standard_normal(env.action_space.shape), -1, 1)
             next_obs, reward, terminated, truncated, _ = env.step(action.astype(np.float32))
+            buttons = getattr(env.unwrapped, "_cur_button_states", None)  # OGBench puzzle: the lights' states
             steps.append((obs, action, reward, terminated, env.unwrapped.data.qpos.copy(),
-                          env.unwrapped.data.qvel.copy()))
+                          env.unwrapped.data.qvel.copy(), None if buttons is None else buttons.copy()))
             obs = next_obs
             if terminated:
                 break
@@ -47,7 +48,7 @@ def write_d4rl_hdf5(path: str, env_id: str = "HalfCheetah-v4", episodes: int = 4
     env = gym.make(env_id, **env_kwargs)
     obs, act, rew, term, tout, qpos, qvel = [], [], [], [], [], [], []
     for steps in rollouts(env, episodes, length, seed):
-        for t, (o, a, r, d, qp, qv) in enumerate(steps):
+        for t, (o, a, r, d, qp, qv, _) in enumerate(steps):
             obs.append(o), act.append(a), rew.append(r), term.append(d), qpos.append(qp), qvel.append(qv)
             tout.append(t == len(steps) - 1 and not d)
     with h5py.File(path, "w") as f:
@@ -68,13 +69,15 @@ def write_ogbench_npz(folder: str, dataset_name: str = "cube-single-play-v0", ep
 
     env = ogbench.make_env_and_datasets(dataset_name, env_only=True)  # the goal-conditioned env
     for suffix, s in (("", seed), ("-val", seed + 100)):
-        obs, act, term, qpos, qvel = [], [], [], [], []
+        obs, act, term, qpos, qvel, buttons = [], [], [], [], [], []
         for steps in rollouts(env, episodes, length, s):
-            for t, (o, a, _, _, qp, qv) in enumerate(steps):
+            for t, (o, a, _, _, qp, qv, b) in enumerate(steps):
                 obs.append(o), act.append(a), term.append(t == len(steps) - 1), qpos.append(qp), qvel.append(qv)
+                buttons.append(b)
+        extra = {} if buttons[0] is None else dict(button_states=np.array(buttons))
         np.savez(os.path.join(folder, f"{dataset_name}{suffix}.npz"), observations=np.array(obs, np.float32),
                  actions=np.array(act, np.float32), terminals=np.array(term, bool), qpos=np.array(qpos),
-                 qvel=np.array(qvel))
+                 qvel=np.array(qvel), **extra)
     return folder
 
 

@@ -380,3 +380,65 @@ def test_train_and_evaluate_end_to_end(env_id, antmaze_h5, adroit_h5, tmp_path):
     assert [r["L_test"] for r in rows] == [0, 1] and all(np.isfinite(r["score_mean"]) for r in rows)
     if env_id.startswith("antmaze"):
         assert all(r["score_mean"] == 100.0 * r["success_rate"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------- README
+README_TINY = {  # (documented setting, tiny setting)
+    "--online-steps 1000000": "--online-steps 6 --online-warmup 3",
+    "--eval-transport-steps 0 1 2 3 5 8": "--eval-transport-steps 0 2",
+}
+
+
+def readme_offline_commands():
+    """The `python vgf_offline.py` lines of the README's offline "Commands" block."""
+    import os
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = text[text.index("### Commands"):]
+    block = section[section.index("```bash\n") + len("```bash\n"): section.index("\n```", section.index("```bash"))]
+    return [line for line in block.splitlines() if line.startswith("python vgf_offline.py")]
+
+
+def test_readme_offline_commands_run_at_tiny_scale(antmaze_h5, adroit_h5, tmp_path):
+    """Every command of the README's offline "Commands" block, as written, on small files in the real formats under
+    their official names, with tiny settings appended; `runs/<run>` is the folder of the README's --save-model run."""
+    import json
+    import shutil
+
+    from conftest import TINY, run_script, write_d4rl_hdf5, write_ogbench_npz
+
+    commands = readme_offline_commands()
+    assert len(commands) == 10, commands
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    data.mkdir()
+    for env_id, gym_id in (("hopper-medium-replay-v2", "Hopper-v4"), ("walker2d-medium-v2", "Walker2d-v4"),
+                           ("hopper-medium-v2", "Hopper-v4")):
+        write_d4rl_hdf5(str(data / D.parse_env_id(env_id)["file_name"]), gym_id, episodes=4, length=300)
+    for env_id in ("antmaze-large-diverse-v2", "antmaze-medium-diverse-v2"):
+        shutil.copy(antmaze_h5, data / D.parse_env_id(env_id)["file_name"])
+    shutil.copy(adroit_h5["pen"], data / D.parse_env_id("pen-cloned-v1")["file_name"])
+    for dataset in ("cube-double-play-v0", "puzzle-4x4-play-v0"):
+        write_ogbench_npz(str(data), dataset)
+    training = [*TINY, "--total-steps", "4", "--eval-every", "0", "--eval-episodes", "1",
+                "--eval-transport-steps", "0", "1", "--reward-scale-episodes", "true"]
+    later = []  # the commands that use the --save-model run's folder run after it
+    for command in commands:
+        for documented, tiny in README_TINY.items():
+            command = command.replace(documented, tiny)
+        arguments = command.split()[2:]
+        common = ["--dataset-dir", str(data), "--output-dir", str(runs)]
+        if "runs/<run>/checkpoint.pt" in command:
+            later.append(arguments)
+            continue
+        name = ["--run-name", "saved"] if "--save-model" in arguments else []
+        run_script(*arguments, *common, *name, *training)
+    assert len(later) == 2
+    for arguments in later:
+        arguments = [a.replace("runs/<run>", str(runs / "saved")) for a in arguments]
+        run_script(*arguments, "--dataset-dir", str(data), "--eval-episodes", "1", "--no-cuda", "--no-compile",
+                   *(["--total-steps", "8"] if "--resume" in arguments else []))
+    rows = [json.loads(line) for line in open(runs / "saved" / "eval.jsonl")]
+    assert max(row["step"] for row in rows) == 8  # resumed from step 4 and trained on
+    evaluated = [json.loads(line) for line in open(runs / "saved__eval_step4" / "eval.jsonl")]  # --eval-only
+    assert [row["L_test"] for row in evaluated] == [0, 2] and all(row["step"] == 4 for row in evaluated)
+    assert len(list(runs.iterdir())) == 9, sorted(p.name for p in runs.iterdir())  # 8 training commands + eval-only

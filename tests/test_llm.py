@@ -1070,6 +1070,18 @@ def test_more_eval_prompts_than_held_out_and_large_batches_are_announced(tiny_se
     assert "  reference sampler: 8/72 sequences after " in out and "  suffix sampler: " in out
 
 
+def test_readme_llm_commands_are_the_documented_ones():
+    """The README's vgf_llm.py commands are lines of docs/llm.md's "Commands" block, which the next test runs."""
+    def commands(text, heading):
+        section = text[text.index(heading):]
+        block = section[section.index("```bash\n") + len("```bash\n"): section.index("\n```", section.index("```bash"))]
+        return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+    readme = commands(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), "## VGF for language models")
+    documented = commands(open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read(), "## Commands")
+    assert len(readme) == 2 and all(command in documented for command in readme), (readme, documented)
+
+
 def test_documented_hub_commands_run_with_local_stand_ins(tiny_setup, tmp_path):
     """docs/llm.md's "Commands" block as written, with local stand-ins in the hub layouts for the hub ids (the tiny
     model for Qwen2.5-1.5B, HH and summarize_from_feedback folders, also for the default dataset, a tiny classifier

@@ -584,3 +584,40 @@ def test_plots_legend_beside_the_lines_title_and_integer_ticks(tmp_path, monkeyp
     assert legend.x0 >= axes.x1 and legend.x1 <= page.x1  # beside the axes (never over a line), inside the figure
     assert "hopper-medium-v2" in title and "seed 3" in title
     assert ticks == [0, 1, 2, 3]  # L_test is an integer
+
+
+def test_steps_per_second_count_training_only(d4rl_dir, tmp_path, monkeypatch):
+    """charts/SPS and the progress bar's rate leave evaluations out: a 6-second evaluation between two logs does not
+    pull the measured rate of 5 tiny updates down to below 5 / 6 steps/s."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    evaluate_all = vgf.evaluate_all
+
+    def slow_evaluation(*args, **kwargs):
+        time.sleep(6.0)
+        return evaluate_all(*args, **kwargs)
+
+    monkeypatch.setattr(vgf, "evaluate_all", slow_evaluation)
+    args = vgf.Args(env_id="halfcheetah-medium-v2", dataset_dir=d4rl_dir, output_dir=str(tmp_path), run_name="r",
+                    hidden_dims=[32, 32], batch_size=32, num_particles=4, bc_flow_steps=3, train_transport_steps=2,
+                    compile=False, cuda=False, total_steps=10, eval_every=5, eval_episodes=1, eval_transport_steps=[0],
+                    log_every=5)
+    vgf.main(args)
+    sps = {e.step: e.value for e in EventAccumulator(str(tmp_path / "r")).Reload().Scalars("charts/SPS")}
+    assert sorted(sps) == [5, 10] and sps[10] > 1.0  # 5 updates after the evaluation, in well under 5 s
+
+
+def test_each_program_runs_copied_alone(d4rl_dir, tmp_path):
+    """Each file copied alone into an empty folder (no tests/, no docs/) imports only pip packages and runs."""
+    for script in ("vgf_offline.py", "vgf_llm.py"):
+        shutil.copy(os.path.join(ROOT, script), tmp_path / script)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "vgf_offline.py", "--env-id", "halfcheetah-medium-v2", "--dataset-dir",
+                          d4rl_dir, "--output-dir", "runs", "--run-name", "alone", *TINY, "--total-steps", "3",
+                          "--eval-every", "0", "--eval-episodes", "1", "--eval-transport-steps", "0"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "runs" / "alone" / "eval.jsonl").is_file()
+    out = subprocess.run([sys.executable, "vgf_llm.py", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and "--transport" in out.stdout, out.stderr[-3000:]
