@@ -15,7 +15,8 @@ updates; the official program at update 1 and every 10,000 (its main.py), 30 epi
 
 `table` reads those files: per program, update and L_test the mean over seeds of each seed's success rate and mean
 final distance, with standard errors over seeds, and at the last update Welch's t-test and an exact permutation
-test of the difference between the programs (seeds as the unit).
+test of the difference between the programs (seeds as the unit); then each seed at the last update, and Fisher's exact
+test of how many seeds of each program succeed there at L_test 0.
 """
 import argparse
 import itertools
@@ -220,7 +221,30 @@ def table(cli):
                 tests.append(f"| {L} | {step:,} | {s0.mean() - s1.mean():+.1f} | {welch(s0, s1)[1]:.2f} | "
                              f"{permutation_p(s0, s1):.2f} | {d0.mean() - d1.mean():+.2f} | {welch(d0, d1)[1]:.2f} | "
                              f"{permutation_p(d0, d1):.2f} |")
-    text = "\n".join(lines + tests) + "\n"
+    last = steps[-1] if steps else None
+    by_seed = ["", f"Each seed at update {last:,}: success % / mean final distance to the goal, per L_test", "",
+               "| program | seed | L_test = 0 | 1 | 2 | 3 |", "| --- | --- | --- | --- | --- | --- |"]
+    succeeded = {}  # program -> [seeds with any success at L_test 0 at the last update, seeds]
+    for program in programs:
+        for seed in sorted(per_seed.get((program, last, 0), {})):
+            cells = []
+            for L in range(4):
+                episodes = per_seed.get((program, last, L), {}).get(seed, [])
+                success = 100 * np.mean([e["success"] for e in episodes]) if episodes else float("nan")
+                cells.append(f"{success:.0f} / {np.mean([e['distance'] for e in episodes]):.1f}" if episodes else "")
+                if L == 0:
+                    count = succeeded.setdefault(program, [0, 0])
+                    count[0] += 1 if success > 0 else 0
+                    count[1] += 1
+            by_seed.append(f"| {program} | {seed} | " + " | ".join(cells) + " |")
+    if len(programs) == 2 and all(program in succeeded for program in programs):
+        from scipy import stats
+
+        (k0, n0), (k1, n1) = succeeded[programs[0]], succeeded[programs[1]]
+        p_value = stats.fisher_exact([[k0, n0 - k0], [k1, n1 - k1]], alternative="two-sided")[1]
+        by_seed += ["", f"Seeds with any success at L_test 0 at update {last:,}: {programs[0]} {k0} of {n0}, "
+                        f"{programs[1]} {k1} of {n1} (Fisher's exact test, two-sided: p = {p_value:.2f})."]
+    text = "\n".join(lines + tests + by_seed) + "\n"
     print(text)
     if cli.markdown:
         with open(cli.markdown, "w") as f:
@@ -245,6 +269,7 @@ def table(cli):
                     axes[row, L].errorbar(x, mean, yerr=err, fmt=style, capsize=3, label=program)
                     axes[row, L].set_ylabel(label if L == 0 else "")
             axes[0, L].set_title(f"L_test = {L}")
+            axes[0, L].set_ylim(-5, 105)
             axes[1, L].set_xlabel("update")
         axes[0, 0].legend()
         fig.suptitle("pointmaze-medium-navigate task 1: mean ± SE over seeds")

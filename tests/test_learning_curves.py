@@ -97,3 +97,6 @@ def test_pointmaze_learning_runs_ours_and_tables_the_difference(tmp_path):
                          capture_output=True, text=True, timeout=300).stdout
     assert "| vgf_offline.py | 10 | 0 | 5 (1 episodes) | 100.0 ± 0.0 | 3.00 ± 0.71 |" in out
     assert "| 0 | 10 | +100.0 | 0.00 | 0.01 | +0.00 | 1.00 | 1.00 |" in out
+    assert "| official | 4 | 0 / 5.0 | 0 / 5.0 | 0 / 5.0 | 0 / 5.0 |" in out  # each seed at the last update
+    # 5 of 5 seeds against 0 of 5: Fisher's exact test, two-sided, p = 2 / 252
+    assert "vgf_offline.py 5 of 5, official 0 of 5 (Fisher's exact test, two-sided: p = 0.01)" in out
