@@ -81,6 +81,14 @@ def write_ogbench_npz(folder: str, dataset_name: str = "cube-single-play-v0", ep
     return folder
 
 
+def bash_block(doc: str, heading: str) -> str:
+    """The first ```bash block after `heading` in the repository file `doc` (README.md, docs/llm.md)."""
+    section = open(os.path.join(ROOT, doc), encoding="utf-8").read()
+    section = section[section.index(heading):]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start: section.index("\n```", start)]
+
+
 @pytest.fixture(scope="session")
 def d4rl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("d4rl")

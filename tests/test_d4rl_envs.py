@@ -391,12 +391,10 @@ README_TINY = {  # (documented setting, tiny setting)
 
 def readme_offline_commands():
     """The `python vgf_offline.py` lines of the README's offline "Commands" block."""
-    import os
+    from conftest import bash_block
 
-    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    section = text[text.index("### Commands"):]
-    block = section[section.index("```bash\n") + len("```bash\n"): section.index("\n```", section.index("```bash"))]
-    return [line for line in block.splitlines() if line.startswith("python vgf_offline.py")]
+    return [line for line in bash_block("README.md", "### Commands").splitlines()
+            if line.startswith("python vgf_offline.py")]
 
 
 def test_readme_offline_commands_run_at_tiny_scale(antmaze_h5, adroit_h5, tmp_path):

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["HF_HUB_OFFLINE"] = "1"
 import vgf_llm  # noqa: E402
+from conftest import bash_block  # noqa: E402
 
 STEPS = [0, 1, 2]
 
@@ -776,9 +777,7 @@ DEMONSTRATION_SCALE = [  # (documented setting, tiny setting): each must occur i
 
 def demonstration_block():
     """The bash block of docs/llm.md's "Demonstration" section."""
-    text = open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read()
-    section = text[text.index("## Demonstration") :]
-    return section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+    return bash_block(os.path.join("docs", "llm.md"), "## Demonstration")
 
 
 def test_demonstration_commands_run_on_the_tiny_model(tiny_setup, tmp_path):
@@ -1070,15 +1069,15 @@ def test_more_eval_prompts_than_held_out_and_large_batches_are_announced(tiny_se
     assert "  reference sampler: 8/72 sequences after " in out and "  suffix sampler: " in out
 
 
+def commands_of(block):
+    """A bash block's commands, one per line: continuation lines joined, trailing comments dropped."""
+    return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
 def test_readme_llm_commands_are_the_documented_ones():
     """The README's vgf_llm.py commands are lines of docs/llm.md's "Commands" block, which the next test runs."""
-    def commands(text, heading):
-        section = text[text.index(heading):]
-        block = section[section.index("```bash\n") + len("```bash\n"): section.index("\n```", section.index("```bash"))]
-        return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-
-    readme = commands(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), "## VGF for language models")
-    documented = commands(open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read(), "## Commands")
+    readme = commands_of(bash_block("README.md", "## VGF for language models"))
+    documented = commands_of(bash_block(os.path.join("docs", "llm.md"), "## Commands"))
     assert len(readme) == 2 and all(command in documented for command in readme), (readme, documented)
 
 
@@ -1086,10 +1085,7 @@ def test_documented_hub_commands_run_with_local_stand_ins(tiny_setup, tmp_path):
     """docs/llm.md's "Commands" block as written, with local stand-ins in the hub layouts for the hub ids (the tiny
     model for Qwen2.5-1.5B, HH and summarize_from_feedback folders, also for the default dataset, a tiny classifier
     for the hub judge) and tiny settings appended."""
-    text = open(os.path.join(ROOT, "docs", "llm.md"), encoding="utf-8").read()
-    section = text[text.index("## Commands") :]
-    block = section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
-    commands = [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    commands = commands_of(bash_block(os.path.join("docs", "llm.md"), "## Commands"))
     assert len(commands) == 4 and all(c.startswith("python vgf_llm.py ") for c in commands), commands
     stand_ins = {"--model Qwen2.5-1.5B": f"--model {tiny_setup / 'model'}",
                  "Anthropic/hh-rlhf": str(write_hh_layout(tmp_path / "hh")),
